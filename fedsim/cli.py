@@ -1,0 +1,51 @@
+"""The ``fedsim`` command line: one module per command in :mod:`fedsim.commands`.
+
+Every mistake in the input is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fedsim.commands import COMMANDS
+from fedsim.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line like every other fedsim error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from fedsim import __version__
+
+    parser = _Parser(
+        prog="fedsim",
+        description="Federated-learning simulations of label and feature skew, on Flower.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last finished round", file=sys.stderr)
+        return 130

@@ -1,0 +1,83 @@
+"""The generic Flower ClientApp that runs any registered algorithm's client trainer.
+
+The app closes over a :class:`~fedsim.environment.RunEnvironment`, small and picklable,
+so that Ray can ship it to its actors.
+
+A client learns who it is from ``context.node_config["partition-id"]`` and everything
+else from the message: the global arrays and the round's config (server round and local
+training settings). It keeps its own state in a :class:`~fedsim.state.ClientStateStore`.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import PARTITION_ID_KEY
+
+from fedsim.environment import RunEnvironment
+from fedsim.seeding import derive_seed, torch_generator
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES = "num-examples"  # Flower strategies weight replies by this metric
+
+
+def client_id(context: Context) -> int:
+    return int(context.node_config[PARTITION_ID_KEY])
+
+
+def only(records: dict, kind: str):
+    """The message's single record of a kind, whatever key the strategy stored it under."""
+    if len(records) != 1:
+        raise ValueError(f"expected one {kind} in the message, found {len(records)}: {list(records)}")
+    return next(iter(records.values()))
+
+
+def make_client_app(env: RunEnvironment) -> ClientApp:
+    """The ClientApp: train, evaluate, and a query that tells the server who this node is."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        device = env.enter()
+        client = client_id(context)
+        config = only(message.content.config_records, "ConfigRecord")
+        server_round = int(config["server-round"])
+        seed = derive_seed(env.experiment.seed, "train", server_round, client)
+        torch.manual_seed(seed)  # dropout and any other global-RNG draw in the model
+        store = env.state_store
+        data = env.client_data(client)
+        result = env.trainer().train(
+            env.new_model(),
+            only(message.content.array_records, "ArrayRecord"),
+            data,
+            config,
+            store.load(client, server_round - 1),
+            torch_generator(seed),
+            device,
+        )
+        store.save(client, server_round, result.state)
+        metrics = MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})
+        return Message(RecordDict({ARRAYS_KEY: result.arrays, METRICS_KEY: metrics}), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        device = env.enter()
+        client = client_id(context)
+        config = only(message.content.config_records, "ConfigRecord")
+        data = env.client_data(client)
+        state = env.state_store.load(client, int(config["server-round"]))
+        metrics = env.trainer().evaluate(
+            env.new_model(), only(message.content.array_records, "ArrayRecord"), data, config, state, device
+        )
+        metrics = MetricRecord({**metrics, NUM_EXAMPLES: len(data.y_test)})
+        return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        reply = ConfigRecord({PARTITION_ID_KEY: client_id(context)})
+        return Message(RecordDict({CONFIG_KEY: reply}), reply_to=message)
+
+    return app

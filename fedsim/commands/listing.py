@@ -1,0 +1,46 @@
+"""``fedsim list``: every registered component, one line each."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def execute(args: argparse.Namespace) -> int:
+    from fedsim.components import STRATEGY_PLUGINS
+    from fedsim.data import DATASETS
+    from fedsim.engine import ENGINES
+    from fedsim.models import MODELS
+    from fedsim.registry import describe, plugin_table
+    from partitioners import PARTITIONERS
+    from strategies import STRATEGIES
+
+    def section(title: str, rows: dict[str, str]) -> None:
+        print(f"{title}:")
+        width = max(map(len, rows), default=0)
+        for name, text in rows.items():
+            print(f"  {name:<{width}}  {text}")
+        print()
+
+    datasets = {}
+    for name, info in DATASETS.items():
+        shape = "x".join(map(str, info.shape))
+        domains = f", domains: {', '.join(info.domains)}" if info.domains else ""
+        where = "offline" if info.offline else "needs local files (root = ...)"
+        datasets[name] = f"{info.description} [{len(info.classes)} classes, {shape}{domains}; {where}]"
+    section("datasets", datasets)
+    section("partitioners", {name: describe(cls) for name, cls in PARTITIONERS.items()})
+    section("models", {name: describe(cls) for name, cls in MODELS.items()})
+    strategies = {name: describe(cls) for name, cls in STRATEGIES.items()}
+    strategies.update({name: f"plugin from {ep.value}" for name, ep in plugin_table(STRATEGY_PLUGINS).items()})
+    section("strategies", strategies)
+    section("engines", {name: describe(cls) for name, cls in ENGINES.items()})
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "list",
+        help="list datasets, partitioners, models, strategies and engines",
+        description="List every registered component, one line each.",
+    )
+    parser.set_defaults(handler=execute)

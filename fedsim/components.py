@@ -1,0 +1,169 @@
+"""From an experiment's tables to the objects they name.
+
+Each ``make_*`` function turns one table into its component; :func:`resolve` validates
+them all up front, so a bad experiment fails before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.config import Experiment
+from fedsim.errors import UserError
+from fedsim.registry import (
+    accepted_parameters,
+    build,
+    did_you_mean,
+    load_reference,
+    lookup,
+    plugin_table,
+    validate_parameters,
+)
+from fedsim.trainer import ClientTrainer
+
+STRATEGY_PLUGINS = "fedsim.strategies"
+
+
+def make_partitioner(experiment: Experiment):
+    from partitioners import PARTITIONERS
+
+    partitioner_cls = lookup(PARTITIONERS, experiment.partition.name, "partition")
+    return build(partitioner_cls, experiment.partition.params, "[partition]")
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    """A strategy class from a built-in name, a ``module:Class`` reference, or a plugin.
+
+    Plugins are entry points in the ``fedsim.strategies`` group of any installed package.
+    """
+    from strategies import STRATEGIES
+
+    if ":" in name:
+        strategy_cls = load_reference(name, "strategy")
+    elif name in STRATEGIES:
+        strategy_cls = STRATEGIES[name]
+    else:
+        plugins = plugin_table(STRATEGY_PLUGINS)
+        if name not in plugins:
+            known = sorted({*STRATEGIES, *plugins})
+            raise UserError(
+                f"[strategy] name = {name!r} is not a known strategy{did_you_mean(name, known)} "
+                f"(choose from: {', '.join(known)}, or give 'package.module:ClassName')"
+            )
+        strategy_cls = plugins[name].load()
+    if not (inspect.isclass(strategy_cls) and issubclass(strategy_cls, Strategy)):
+        raise UserError(f"[strategy] {name!r} is not a subclass of flwr.serverapp.strategy.Strategy")
+    return strategy_cls
+
+
+def trainer_for(strategy_cls: type[Strategy]) -> ClientTrainer:
+    """The strategy's ``client_trainer`` (a ClientTrainer subclass), else FedAvg's client."""
+    trainer_cls = getattr(strategy_cls, "client_trainer", ClientTrainer)
+    if not (inspect.isclass(trainer_cls) and issubclass(trainer_cls, ClientTrainer)):
+        raise UserError(
+            f"[strategy] {strategy_cls.__name__}.client_trainer must be a subclass of fedsim.trainer.ClientTrainer"
+        )
+    return trainer_cls()
+
+
+def _strategy_defaults(experiment: Experiment, num_clients: int) -> dict[str, Any]:
+    """What fedsim fills in for a Flower strategy unless the experiment says otherwise.
+
+    Simulated clients are all online, so the run never waits for more; a run samples at
+    least one client per round (Flower's default minimum of 2 would break 1-client runs).
+    """
+    defaults: dict[str, Any] = {
+        "min_available_nodes": num_clients,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+    }
+    if experiment.client.local_test_fraction == 0:
+        defaults["fraction_evaluate"] = 0.0  # no held-out data on clients: nothing to evaluate
+    return defaults
+
+
+def make_strategy(experiment: Experiment, num_clients: int) -> Strategy:
+    strategy_cls = resolve_strategy(experiment.strategy.name)
+    params = experiment.strategy.params
+    if experiment.client.local_test_fraction == 0 and params.get("fraction_evaluate", 0) > 0:
+        raise UserError(
+            "[strategy] fraction_evaluate > 0 needs held-out client data; "
+            "set [client] local_test_fraction > 0 or fraction_evaluate = 0"
+        )
+    accepted = accepted_parameters(strategy_cls)
+    fixed = {
+        key: value
+        for key, value in _strategy_defaults(experiment, num_clients).items()
+        if key in accepted and key not in params
+    }
+    return build(strategy_cls, params, "[strategy]", **fixed)
+
+
+def make_engine(experiment: Experiment):
+    from fedsim.engine import ENGINES
+
+    engine_cls = lookup(ENGINES, experiment.engine.name, "engine")
+    return build(engine_cls, experiment.engine.params, "[engine]")
+
+
+def resolve(experiment: Experiment, source: str) -> Experiment:
+    """Validate every component table without loading data, and fill in the defaults.
+
+    The returned experiment spells out every parameter a component will use, so the
+    run directory's config.toml still describes the run if a default changes later.
+    """
+    from fedsim.data import DATASETS
+    from fedsim.engine import ENGINES
+    from fedsim.models import MODELS
+    from partitioners import PARTITIONERS
+
+    try:
+        dataset = lookup(DATASETS, experiment.dataset.name, "dataset").loader
+        model_cls = lookup(MODELS, experiment.model.name, "model")
+        partitioner_cls = lookup(PARTITIONERS, experiment.partition.name, "partition")
+        strategy_cls = resolve_strategy(experiment.strategy.name)
+        engine_cls = lookup(ENGINES, experiment.engine.name, "engine")
+        trainer_for(strategy_cls)
+        strategy_fixed = _strategy_defaults(experiment, num_clients=1)
+        strategy_fixed["min_available_nodes"] = None  # known only once the partition exists
+        tables = {
+            "dataset": (dataset, {}),
+            "model": (model_cls, {"input_shape": None, "num_classes": None}),
+            "partition": (partitioner_cls, {}),
+            "strategy": (strategy_cls, strategy_fixed),
+            "engine": (engine_cls, {}),
+        }
+        data = experiment.to_dict()
+        for table, (component, fixed) in tables.items():
+            params = getattr(experiment, table).params
+            validate_parameters(component, params, f"[{table}]", reserved=fixed)
+            for key, default in _defaults(component).items():
+                if key not in params and key not in fixed:
+                    data[table][key] = default
+            for key, value in fixed.items():
+                if value is not None and key not in params and key in accepted_parameters(component):
+                    data[table][key] = value
+        resolved = Experiment.model_validate(data)
+        make_partitioner(resolved)
+        make_engine(resolved)
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
+    return resolved
+
+
+def _defaults(component: Any) -> dict[str, Any]:
+    """The parameter defaults that a TOML file can hold (no None, no callables)."""
+
+    def representable(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(representable(v) for v in value)
+        return isinstance(value, (bool, int, float, str))
+
+    return {
+        name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for name, p in accepted_parameters(component).items()
+        if p.default is not inspect.Parameter.empty and representable(p.default)
+    }

@@ -1,0 +1,216 @@
+"""Experiment files: TOML, validated with pydantic, overridable with ``--set``.
+
+An experiment is a handful of tables. Each table that names a component (``[dataset]``,
+``[partition]``, ``[model]``, ``[strategy]``, ``[engine]``) passes its other keys to that
+component, so the keys allowed there are exactly the component's parameters::
+
+    name = "quickstart"
+    seed = 0
+    rounds = 20
+
+    [dataset]
+    name = "mnist5k"
+    [partition]
+    name = "dirichlet"
+    num_clients = 10
+    alpha = 0.5
+    [model]
+    name = "lenet"
+    [client]
+    local_epochs = 1
+    batch_size = 32
+    lr = 0.05
+    [strategy]
+    name = "fedavg"
+    [engine]
+    name = "inprocess"
+
+Every mistake becomes a :class:`~fedsim.errors.UserError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsim.errors import UserError
+from fedsim.registry import did_you_mean, first_error_line
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentTable(BaseModel):
+    """A table that names a registered component; other keys are its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DatasetTable(ComponentTable):
+    name: str = "mnist5k"
+
+
+class PartitionTable(ComponentTable):
+    name: str = "iid"
+
+
+class ModelTable(ComponentTable):
+    name: str = "lenet"
+
+
+class StrategyTable(ComponentTable):
+    name: str = "fedavg"
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> StrategyTable:
+        # Flower types these as plain floats; a fraction outside [0, 1] fails mid-run.
+        for key in ("fraction_train", "fraction_evaluate"):
+            value = self.params.get(key)
+            if isinstance(value, (int, float)) and not 0 <= value <= 1:
+                raise ValueError(f"{key} = {value!r} is invalid: a fraction of clients must be in [0, 1]")
+        return self
+
+
+class EngineTable(ComponentTable):
+    name: Literal["inprocess", "ray"] = "inprocess"
+
+
+class ClientTable(_Table):
+    """Local training settings, sent to every client in its round's config."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    local_test_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+class Experiment(_Table):
+    """A whole experiment, as read from a TOML file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    rounds: int = Field(ge=1)
+    description: str = ""
+    dataset: DatasetTable = DatasetTable()
+    partition: PartitionTable = PartitionTable()
+    model: ModelTable = ModelTable()
+    client: ClientTable = ClientTable()
+    strategy: StrategyTable = StrategyTable()
+    engine: EngineTable = EngineTable()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, component parameters inline and unset values left out, as in TOML."""
+        return _drop_none(self.model_dump(mode="json"))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved experiment; equal experiments share it."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+TABLES = {name: field.annotation for name, field in Experiment.model_fields.items()}
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` and read the value as a TOML value (else a string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r} must look like section.key=value, e.g. partition.alpha=0.1")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to raw experiment data (before validation)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) > 2:
+            raise UserError(f"--set {text!r}: keys are at most two levels deep (section.key)")
+        if len(path) == 2:
+            section = path[0]
+            if section not in TABLES or section in ("name", "seed", "rounds", "description"):
+                tables = [t for t, a in TABLES.items() if isinstance(a, type) and issubclass(a, BaseModel)]
+                raise UserError(f"--set {text!r}: unknown table [{section}]{did_you_mean(section, tables)}")
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise UserError(f"--set {text!r}: [{section}] is not a table")
+            table[path[1]] = value
+        else:
+            data[path[0]] = value
+    return data
+
+
+def validate(data: dict[str, Any], source: str = "experiment") -> Experiment:
+    """Validate raw data into an Experiment: unknown keys get a suggestion, bad values
+    name the key, the value and what is allowed. Component parameters are checked
+    against the component itself by :func:`fedsim.components.resolve`."""
+    for key, value in data.items():
+        if key not in TABLES:
+            hint = did_you_mean(key, TABLES) or f" (valid keys and tables: {', '.join(TABLES)})"
+            raise UserError(f"{source}: unknown key {key!r}{hint}")
+        annotation = TABLES[key]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not isinstance(value, dict):
+            raise UserError(f"{source}: {key!r} must be a table [{key}], got {value!r}")
+    for table_name in ("client",):
+        for key in data.get(table_name, {}):
+            allowed = ClientTable.model_fields
+            if key not in allowed:
+                raise UserError(f"{source}: [{table_name}] unknown key {key!r}{did_you_mean(key, allowed)}")
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as error:
+        loc, value, message = first_error_line(error)
+        if not loc:
+            raise UserError(f"{source}: {message}") from None
+        if len(loc) == 1 and isinstance(value, dict):  # a check across a whole table
+            raise UserError(f"{source}: [{loc[0]}] {message}") from None
+        where = f"[{loc[0]}] {loc[1]}" if len(loc) > 1 else str(loc[0])
+        if "missing" in message.lower() or error.errors()[0]["type"] == "missing":
+            raise UserError(f"{source}: missing required key {where!r}") from None
+        raise UserError(f"{source}: {where} = {value!r} is invalid: {message}") from None
+    from fedsim.components import resolve
+
+    return resolve(experiment, source)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"experiment file {str(path)!r} not found") from None
+    except OSError as error:
+        raise UserError(f"cannot read experiment file {str(path)!r}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML: {error}") from None
+    return validate(apply_overrides(data, overrides or []), str(path))

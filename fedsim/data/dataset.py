@@ -1,0 +1,86 @@
+"""The in-memory dataset every loader returns, and the per-client view built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+SPLIT_SEED = 0  # the train/test split of a dataset never moves with the experiment seed
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test arrays held in memory.
+
+    ``x_*`` are float32 arrays of shape (N, C, H, W) or (N, D); ``y_*`` are int64 labels.
+    ``domain_*`` hold a domain id per sample for multi-domain data, else None.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+    domains: tuple[str, ...] = ()
+    domain_train: np.ndarray | None = None
+    domain_test: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's data: its local training split and its local held-out split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    domain_test: np.ndarray | None = field(default=None)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+
+def stratified_split(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, domain: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Stratified train/test split of (x, y[, domain]); falls back to a plain random split
+    when a class is too rare to stratify."""
+    arrays = [x, y] if domain is None else [x, y, domain]
+    strata = y if domain is None else y * (int(domain.max()) + 1) + domain
+    _, counts = np.unique(strata, return_counts=True)
+    stratify = strata if counts.min() >= 2 else None
+    return tuple(train_test_split(*arrays, test_size=test_fraction, random_state=seed, stratify=stratify))
+
+
+def client_view(dataset: Dataset, indices: np.ndarray, test_fraction: float, seed: int) -> ClientData:
+    """Split a client's training indices into its local train and held-out test data."""
+    x, y = dataset.x_train[indices], dataset.y_train[indices]
+    domain = None if dataset.domain_train is None else dataset.domain_train[indices]
+    if test_fraction <= 0 or len(y) < 2:
+        return ClientData(x, y, x[:0], y[:0], None if domain is None else domain[:0])
+    n_test = max(1, int(round(test_fraction * len(y))))
+    if n_test >= len(y):
+        n_test = len(y) - 1
+    if _stratifiable(y, n_test):
+        train, test = train_test_split(np.arange(len(y)), test_size=n_test, random_state=seed, stratify=y)
+    else:
+        order = np.random.default_rng(seed).permutation(len(y))
+        train, test = order[n_test:], order[:n_test]
+    return ClientData(x[train], y[train], x[test], y[test], None if domain is None else domain[test])
+
+
+def _stratifiable(y: np.ndarray, n_test: int) -> bool:
+    classes, counts = np.unique(y, return_counts=True)
+    return counts.min() >= 2 and n_test >= len(classes) and len(y) - n_test >= len(classes)

@@ -1,0 +1,21 @@
+"""What every engine offers: run a ServerApp main against N simulated ClientApps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+ServerMain = Callable[[Grid, Context], None]
+"""The signature of a Flower ``ServerApp`` main function."""
+
+
+class Engine(Protocol):
+    device: str  # "auto", "cpu" or "cuda[:N]", for the clients and the server's evaluation
+    client_threads: int | None  # torch threads per client (None: torch's default)
+
+    def execute(self, server_main: ServerMain, client_app: ClientApp, num_clients: int) -> None:
+        """Run ``server_main`` with a Grid whose nodes run ``client_app``, one per client."""

@@ -1,0 +1,84 @@
+"""What every process of a run needs to rebuild its world, small enough to pickle.
+
+Ray ships the ClientApp, and with it this object, to its actors with every message, so
+it holds only the experiment, the run directory and the engine's device and thread
+settings. Everything heavy (the dataset, the partition, each client's data view) is
+loaded lazily, once per process, and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsim.config import Experiment
+from fedsim.data import ClientData, Dataset, client_view, load_dataset
+from fedsim.models import build_model
+from fedsim.seeding import derive_seed
+from fedsim.state import ClientStateStore
+from fedsim.trainer import ClientTrainer
+from fedsim.training import resolve_device
+from partitioners import Partition
+
+
+@dataclass(frozen=True)
+class RunEnvironment:
+    experiment: Experiment
+    run_dir: Path
+    device: str = "auto"
+    threads: int | None = None  # torch intra-op threads per client; None = torch's default
+
+    def enter(self) -> torch.device:
+        """Apply the thread setting to this process and return the torch device.
+
+        Clients and the server's evaluation use the same thread count on every engine:
+        float sums depend on how work is split across threads, so equal thread counts
+        make in-process and Ray runs agree to the last bit.
+        """
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return resolve_device(self.device)
+
+    @property
+    def state_store(self) -> ClientStateStore:
+        return ClientStateStore(self.run_dir / "client_state")
+
+    def dataset(self) -> Dataset:
+        return load_dataset(self.experiment.dataset.name, **self.experiment.dataset.params)
+
+    def partition(self) -> Partition:
+        return _load_partition(self.run_dir / "partition.npz")
+
+    def client_data(self, client: int) -> ClientData:
+        key = (str(self.run_dir), self.experiment.fingerprint(), client)
+        if key not in _VIEWS:
+            seed = derive_seed(self.experiment.seed, "local-split", client)
+            _VIEWS[key] = client_view(
+                self.dataset(), self.partition()[client], self.experiment.client.local_test_fraction, seed
+            )
+        return _VIEWS[key]
+
+    def new_model(self) -> torch.nn.Module:
+        dataset = self.dataset()
+        return build_model(
+            self.experiment.model.name, dataset.input_shape, dataset.num_classes, **self.experiment.model.params
+        )
+
+    def trainer(self) -> ClientTrainer:
+        from fedsim.components import resolve_strategy, trainer_for
+
+        return trainer_for(resolve_strategy(self.experiment.strategy.name))
+
+
+_VIEWS: dict[tuple[str, str, int], ClientData] = {}
+_PARTITIONS: dict[tuple[str, float], Partition] = {}
+
+
+def _load_partition(path: Path) -> Partition:
+    key = (str(path), path.stat().st_mtime)
+    if key not in _PARTITIONS:
+        _PARTITIONS.clear()
+        _PARTITIONS[key] = Partition.load(path)
+    return _PARTITIONS[key]

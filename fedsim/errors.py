@@ -1,0 +1,8 @@
+"""The one error type a user should ever see from fedsim."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit code 2, no traceback.
+
+    Raise it with a message that names the bad key or value and says how to fix it.
+    """

@@ -1,0 +1,59 @@
+"""Small models that fit the embedded datasets (8x8 digits, 28x28 MNIST)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron on flattened inputs."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (200, 200)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class LeNet(nn.Module):
+    """A LeNet-5-style CNN: two 5x5 conv + max-pool stages, then two hidden dense layers.
+
+    Convolutions are padded so that the same network fits 8x8 and 28x28 inputs.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        channels: tuple[int, int] = (6, 16),
+        hidden: tuple[int, int] = (120, 84),
+    ) -> None:
+        super().__init__()
+        in_channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(channels[1] * (height // 4) * (width // 4), hidden[0]),
+            nn.ReLU(),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden[1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

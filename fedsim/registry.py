@@ -1,0 +1,154 @@
+"""Name lookups with helpful errors, and validation of a component's parameters.
+
+Every pluggable part of fedsim (dataset, partitioner, model, strategy, engine) is a plain
+``dict`` from a name to a class or function, kept beside the code it names. This module is
+the one place that turns a name from an experiment file into that object, and a table of
+parameters into checked keyword arguments, with errors that name the bad key or value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+import pydantic
+
+from fedsim.errors import UserError
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return "; did you mean 'x'?" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def describe(obj: Any) -> str:
+    """The first line of an object's docstring: its one-line description."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def lookup(table: Mapping[str, Any], name: str, kind: str) -> Any:
+    """Return ``table[name]``, or raise a UserError that suggests the closest name.
+
+    ``kind`` is also the experiment table the name comes from ("dataset", "model", ...).
+    """
+    if name in table:
+        return table[name]
+    raise UserError(
+        f"[{kind}] name = {name!r} is not a known {kind}{did_you_mean(name, table)} "
+        f"(choose from: {', '.join(sorted(table))})"
+    )
+
+
+def load_reference(reference: str, kind: str) -> Any:
+    """Import ``"package.module:Name"`` and return ``Name``."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise UserError(f"{kind} reference {reference!r} must look like 'package.module:Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"cannot import module {module_name!r} for {kind} {reference!r}: {error}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        names = [n for n in vars(module) if not n.startswith("_")]
+        raise UserError(f"module {module_name!r} has no {attribute!r}{did_you_mean(attribute, names)}") from None
+
+
+def plugin_table(group: str) -> dict[str, Any]:
+    """Entry points of ``group`` as a lazy name -> loader table (loaded on lookup)."""
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def accepted_parameters(component: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """The keyword parameters a class (its ``__init__``) or function accepts."""
+    target = component.__init__ if inspect.isclass(component) else component
+    params = inspect.signature(target).parameters
+    return {name: p for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _type_hints(component: Callable[..., Any]) -> dict[str, Any]:
+    target = component.__init__ if inspect.isclass(component) else component
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolvable forward references: fall back to no coercion
+        return {}
+
+
+def first_error_line(error: pydantic.ValidationError) -> tuple[tuple[Any, ...], Any, str]:
+    """(location, input value, message) of a pydantic error's first entry."""
+    first = error.errors()[0]
+    message = first["msg"]
+    if first.get("ctx", {}).get("error") is not None:
+        message = str(first["ctx"]["error"])
+    return tuple(first["loc"]), first.get("input"), message
+
+
+def validate_parameters(
+    component: Callable[..., Any],
+    params: Mapping[str, Any],
+    where: str,
+    reserved: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Check ``params`` against ``component``'s signature and coerce them to its types.
+
+    ``where`` prefixes every error (for example ``"[partition]"``). ``reserved`` names
+    parameters that fedsim fills in itself and that the user may therefore omit.
+    Unknown keys, missing required keys and values of the wrong type each raise a
+    one-line UserError.
+    """
+    accepted = accepted_parameters(component)
+    hints = _type_hints(component)
+    reserved = set(reserved)
+    for key in params:
+        if key not in accepted:
+            hint = did_you_mean(key, accepted)
+            if not hint:
+                settable = [name for name in accepted if name not in reserved]
+                hint = f" (valid keys: {', '.join(settable)})" if settable else " (it takes no keys)"
+            raise UserError(f"{where} unknown key {key!r}{hint}")
+    missing = [
+        name
+        for name, p in accepted.items()
+        if p.default is inspect.Parameter.empty and name not in params and name not in reserved
+    ]
+    if missing:
+        raise UserError(f"{where} missing required key {missing[0]!r}")
+    checked = {}
+    for key, value in params.items():
+        hint = hints.get(key)
+        if hint is None:
+            checked[key] = value
+            continue
+        try:
+            checked[key] = pydantic.TypeAdapter(hint).validate_python(value, strict=False)
+        except pydantic.ValidationError as error:
+            _, _, message = first_error_line(error)
+            raise UserError(f"{where} {key} = {value!r} is invalid: {message}") from None
+        except pydantic.PydanticSchemaGenerationError:
+            checked[key] = value
+    return checked
+
+
+def build(component: Callable[..., Any], params: Mapping[str, Any], where: str, **fixed: Any) -> Any:
+    """Validate ``params`` and call ``component(**fixed, **params)``.
+
+    A ValueError from the component (its own range checks) becomes a UserError prefixed
+    with ``where``, so that the message names the section as well as the parameter.
+    """
+    checked = validate_parameters(component, params, where, reserved=fixed)
+    try:
+        return component(**fixed, **checked)
+    except pydantic.ValidationError as error:
+        loc, value, message = first_error_line(error)
+        key = loc[0] if loc else "?"
+        raise UserError(f"{where} {key} = {value!r} is invalid: {message}") from None
+    except ValueError as error:
+        raise UserError(f"{where} {error}") from None

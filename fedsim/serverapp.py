@@ -1,0 +1,226 @@
+"""The ServerApp main: drive a Flower strategy, round by round, against any Grid.
+
+The loop is Flower's ``Strategy.start`` (configure_train -> aggregate_train ->
+configure_evaluate -> aggregate_evaluate -> centralised evaluation), written out here
+because a simulator also needs to: resume from a checkpoint, record every client's
+metrics, save a checkpoint after each round, and make client sampling independent of
+the engine. Strategies stay plain Flower strategies that run under ``start`` too.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import PARTITION_ID_KEY
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
+
+from fedsim.clientapp import CONFIG_KEY, METRICS_KEY
+from fedsim.components import make_strategy
+from fedsim.environment import RunEnvironment
+from fedsim.results import Checkpoint, MetricRow, RunDirectory
+from fedsim.seeding import derive_seed
+from fedsim.trainer import LocalSettings
+from fedsim.training import classification_metrics, predict
+
+REPLY_TIMEOUT_S = 24 * 3600.0  # a simulated client never drops out; waiting is correct
+
+
+class ClientFailure(RuntimeError):
+    """A client raised an exception while handling a message."""
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
+    """Ask every node which client (partition id) it is: node id -> client id.
+
+    Engines number nodes their own way (Ray draws them at random); the client id is
+    what data, seeds and results are keyed by.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {num_clients} simulated clients came online")
+        time.sleep(0.05)
+    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
+    replies = list(grid.send_and_receive(queries, timeout=timeout_s))
+    _raise_on_errors(replies, {}, "start-up")
+    return {reply.metadata.src_node_id: int(reply.content[CONFIG_KEY][PARTITION_ID_KEY]) for reply in replies}
+
+
+def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: str) -> None:
+    for reply in replies:
+        if reply.has_error():
+            node = reply.metadata.src_node_id
+            raise ClientFailure(f"client {clients.get(node, node)} failed in {when}: {reply.error.reason}")
+
+
+class OrderedGrid(Grid):
+    """A Grid seen in client-id order: nodes are listed, and replies returned, by client.
+
+    Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)`` and
+    aggregate replies in the order they come. With a fixed order here and ``random``
+    reseeded each round, every engine picks the same clients and sums in the same order.
+    """
+
+    def __init__(self, grid: Grid, clients: dict[int, int]) -> None:
+        self._grid = grid
+        self.clients = clients
+        self._nodes = sorted(clients, key=clients.__getitem__)
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if len(replies) != len(messages):
+            raise ClientFailure(f"{len(messages) - len(replies)} of {len(messages)} clients did not reply")
+        return sorted(replies, key=lambda reply: self.clients[reply.metadata.src_node_id])
+
+
+RoundCallback = Callable[[int, dict[str, float]], None]
+
+
+class Federation:
+    """One experiment's federated run: the ServerApp main for any engine.
+
+    Writes metrics and a checkpoint to the run directory after every round and calls
+    ``on_round(round, server_metrics)`` (for a progress bar).
+    """
+
+    def __init__(
+        self,
+        env: RunEnvironment,
+        run: RunDirectory,
+        num_clients: int,
+        resume: Checkpoint | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.env = env
+        self.experiment = env.experiment
+        self.run = run
+        self.dataset = env.dataset()
+        self.num_clients = num_clients
+        self.resume = resume
+        self.on_round = on_round or (lambda _round, _metrics: None)
+        self.final: dict[str, float] = {}
+        self.client_accuracy: dict[str, float] = {}
+        self._started = time.monotonic()
+
+    # -- building blocks ------------------------------------------------------------
+    def initial_arrays(self) -> ArrayRecord:
+        torch.manual_seed(derive_seed(self.experiment.seed, "init"))
+        return ArrayRecord(self.env.new_model().state_dict())
+
+    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Centralised evaluation of the global model on the dataset's test split.
+
+        Keys a strategy keeps on the clients (FedBN's BN layers) stay at initial values.
+        """
+        model = self.env.new_model()
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        device = self.env.enter()
+        model.to(device)
+        return classification_metrics(predict(model, self.dataset.x_test, device), self.dataset.y_test)
+
+    def elapsed(self) -> float:
+        offset = self.resume.elapsed_s if self.resume else 0.0
+        return offset + time.monotonic() - self._started
+
+    # -- the run --------------------------------------------------------------------
+    def __call__(self, grid: Grid, context: Context) -> None:
+        grid = OrderedGrid(grid, discover_clients(grid, self.num_clients))
+        if self.resume is not None:
+            strategy, arrays, first = self.resume.strategy, self.resume.arrays, self.resume.round + 1
+            self.final = self._last_server_metrics()
+        else:
+            strategy = make_strategy(self.experiment, self.num_clients)
+            arrays, first = self.initial_arrays(), 1
+            self.final = self.evaluate_global(arrays)
+            self.run.append_metrics(self._rows(0, "server", "global", self.final))
+        settings = LocalSettings(**self.experiment.client.model_dump(exclude={"local_test_fraction"}))
+        for server_round in range(first, self.experiment.rounds + 1):
+            arrays = self.play_round(server_round, strategy, arrays, grid, settings)
+
+    def play_round(
+        self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid, settings: LocalSettings
+    ) -> ArrayRecord:
+        rows: list[MetricRow] = []
+        # Flower samples clients with the module-level `random`: seed it per round, so
+        # the choice depends on (seed, round) only, on every engine and after a resume.
+        random.seed(derive_seed(self.experiment.seed, "sample", server_round))
+
+        train_config = ConfigRecord(settings.to_config())
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid), timeout=REPLY_TIMEOUT_S
+        )
+        _raise_on_errors(replies, grid.clients, f"round {server_round} (train)")
+        rows += self._client_rows(server_round, replies, grid)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        rows += self._rows(server_round, "federated", "train", train_metrics or {})
+
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=REPLY_TIMEOUT_S
+        )
+        _raise_on_errors(replies, grid.clients, f"round {server_round} (evaluate)")
+        rows += self._client_rows(server_round, replies, grid)
+        for reply in replies:
+            client = str(grid.clients[reply.metadata.src_node_id])
+            self.client_accuracy[client] = float(reply.content[METRICS_KEY].get("accuracy", np.nan))
+        rows += self._rows(
+            server_round, "federated", "evaluate", strategy.aggregate_evaluate(server_round, replies) or {}
+        )
+
+        self.final = self.evaluate_global(arrays)
+        rows += self._rows(server_round, "server", "global", self.final)
+        self.run.append_metrics(rows)
+        self.run.save_checkpoint(Checkpoint(server_round, arrays, strategy, self.run.metrics_size(), self.elapsed()))
+        self.on_round(server_round, self.final)
+        return arrays
+
+    # -- metrics --------------------------------------------------------------------
+    @staticmethod
+    def _rows(server_round: int, scope: str, ident: str, metrics) -> list[MetricRow]:
+        return [
+            MetricRow(server_round, scope, ident, key, float(value))
+            for key, value in dict(metrics).items()
+            if isinstance(value, (int, float)) and key != "num-examples"
+        ]
+
+    def _client_rows(self, server_round: int, replies: list[Message], grid: OrderedGrid) -> list[MetricRow]:
+        rows = []
+        for reply in replies:
+            client = str(grid.clients[reply.metadata.src_node_id])
+            rows += self._rows(server_round, "client", client, reply.content[METRICS_KEY])
+        return rows
+
+    def _last_server_metrics(self) -> dict[str, float]:
+        frame = self.run.read_metrics()
+        server = frame[(frame.scope == "server") & (frame.round == frame.round.max())]
+        clients = frame[(frame.scope == "client") & (frame.metric == "accuracy")]
+        self.client_accuracy = clients.groupby("id").value.last().to_dict()
+        return dict(zip(server.metric, server.value))

@@ -1,0 +1,188 @@
+"""The Partition object and the Partitioner contract shared by every split scheme.
+
+A partitioner is built from its parameters, in the manner of scikit-learn's splitters,
+and its ``split(y, *, domains=None, embeddings=None, seed)`` returns a :class:`Partition`:
+one integer index array per client into ``y``. Impossible parameters raise a ValueError
+that names the parameter and says why.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedsim.atomic import write_npz
+
+
+class Partition:
+    """Per-client index arrays into one labelled array, with the labels kept beside them.
+
+    Parameters
+    ----------
+    client_indices : sequence of integer arrays
+        ``client_indices[i]`` holds the positions in ``labels`` owned by client ``i``.
+    labels : integer array
+        The labels of every sample the indices point into.
+    num_classes : int, optional
+        Number of classes; defaults to ``labels.max() + 1``.
+    groups : mapping of str to integer array, optional
+        Other per-sample group ids worth inspecting, such as ``"cluster"`` for an
+        embedding split or ``"domain"`` for a domain split (same length as ``labels``).
+    """
+
+    def __init__(
+        self,
+        client_indices: Sequence[np.ndarray],
+        labels: np.ndarray,
+        num_classes: int | None = None,
+        groups: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.client_indices = tuple(np.asarray(ix, dtype=np.int64) for ix in client_indices)
+        self.num_classes = int(num_classes if num_classes is not None else self.labels.max() + 1)
+        self.groups = {name: np.asarray(g, dtype=np.int64) for name, g in (groups or {}).items()}
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Number of samples per client."""
+        return np.array([len(ix) for ix in self.client_indices], dtype=np.int64)
+
+    def __getitem__(self, client: int) -> np.ndarray:
+        return self.client_indices[client]
+
+    def __len__(self) -> int:
+        return self.num_clients
+
+    def label_matrix(self) -> np.ndarray:
+        """Clients x classes matrix of sample counts."""
+        return self.group_matrix(self.labels, self.num_classes)
+
+    def group_matrix(self, group_ids: np.ndarray, num_groups: int | None = None) -> np.ndarray:
+        """Clients x groups matrix of sample counts for any per-sample group id."""
+        group_ids = np.asarray(group_ids, dtype=np.int64)
+        num_groups = int(num_groups if num_groups is not None else group_ids.max() + 1)
+        matrix = np.zeros((self.num_clients, num_groups), dtype=np.int64)
+        for client, ix in enumerate(self.client_indices):
+            matrix[client] = np.bincount(group_ids[ix], minlength=num_groups)
+        return matrix
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the partition to an ``.npz`` file atomically (temp file + rename)."""
+        arrays: dict[str, np.ndarray] = {
+            "labels": self.labels,
+            "num_classes": np.array(self.num_classes),
+            "sizes": self.sizes,
+            "indices": np.concatenate(self.client_indices) if self.num_clients else np.zeros(0, np.int64),
+        }
+        for name, group in self.groups.items():
+            arrays[f"group_{name}"] = group
+        write_npz(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Partition:
+        with np.load(path) as data:
+            bounds = np.cumsum(data["sizes"])[:-1]
+            groups = {k[len("group_") :]: data[k] for k in data.files if k.startswith("group_")}
+            return cls(
+                np.split(data["indices"], bounds),
+                data["labels"],
+                int(data["num_classes"]),
+                groups=groups,
+            )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Partition):
+            return NotImplemented
+        return (
+            self.num_clients == other.num_clients
+            and self.num_classes == other.num_classes
+            and np.array_equal(self.labels, other.labels)
+            and all(np.array_equal(a, b) for a, b in zip(self.client_indices, other.client_indices))
+        )
+
+    def __repr__(self) -> str:
+        sizes = self.sizes
+        return (
+            f"Partition(num_clients={self.num_clients}, num_classes={self.num_classes}, "
+            f"sizes min/median/max={sizes.min()}/{int(np.median(sizes))}/{sizes.max()})"
+        )
+
+
+class Partitioner(ABC):
+    """Base class: store parameters in ``__init__`` (checked there), split in ``split``.
+
+    ``requires`` names the per-sample inputs besides labels that the scheme needs
+    (``"domains"`` or ``"embeddings"``); fedsim passes them when the dataset has them.
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, num_clients: int) -> None:
+        check_integer("num_clients", num_clients, minimum=1)
+        self.num_clients = num_clients
+
+    @abstractmethod
+    def split(
+        self,
+        y: np.ndarray,
+        *,
+        domains: np.ndarray | None = None,
+        embeddings: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> Partition:
+        """Return the partition of ``y`` for this seed."""
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters, as scikit-learn estimators report them."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_labels(y: np.ndarray) -> np.ndarray:
+    """Return ``y`` as a 1-D array of non-negative int64 labels, or raise ValueError."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-D array of labels, got shape {y.shape}")
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
+        raise ValueError("y must hold non-negative integer class labels")
+    return y.astype(np.int64, copy=False)
+
+
+def check_integer(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def check_min_size(min_size: int, num_clients: int, num_samples: int) -> None:
+    """An impossible minimum size is a parameter error, not a sampling failure."""
+    if min_size * num_clients > num_samples:
+        raise ValueError(
+            f"min_size={min_size} x num_clients={num_clients} = {min_size * num_clients} "
+            f"exceeds the {num_samples} samples; lower min_size or num_clients"
+        )
+
+
+def indices_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Group sample positions by their owning client (owner -1 = unassigned)."""
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner[owner >= 0], minlength=num_clients)
+    start = int(np.count_nonzero(owner < 0))
+    return np.split(order[start:], np.cumsum(counts)[:-1])
