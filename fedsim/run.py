@@ -17,14 +17,14 @@ import torch
 
 import fedsim
 from fedsim.clientapp import make_client_app
-from fedsim.components import make_engine, make_partitioner
+from fedsim.components import make_engine
 from fedsim.config import Experiment
 from fedsim.data import load_dataset
 from fedsim.environment import RunEnvironment
-from fedsim.errors import UserError
 from fedsim.plots import plot_heatmap, plot_training
 from fedsim.results import RunDirectory
 from fedsim.serverapp import Federation
+from fedsim.splitting import split_dataset
 from partitioners import Partition
 
 
@@ -89,23 +89,6 @@ def run_experiment(
     plot_training(run.read_metrics(), run.plots / "accuracy.png", f"{experiment.name}: {experiment.strategy.name}")
     run.write_summary(summary)
     return RunResult(run.path, summary, status)
-
-
-def split_dataset(experiment: Experiment, dataset) -> Partition:
-    partitioner = make_partitioner(experiment)
-    try:
-        partition = partitioner.split(
-            dataset.y_train, domains=dataset.domain_train, embeddings=None, seed=experiment.seed
-        )
-    except ValueError as error:
-        raise UserError(f"[partition] {error}") from None
-    smallest = int(np.argmin(partition.sizes))
-    if partition.sizes[smallest] < 2:
-        raise UserError(
-            f"[partition] client {smallest} received {partition.sizes[smallest]} samples; every client "
-            "needs at least 2 (raise min_size or use fewer clients)"
-        )
-    return partition
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:
