@@ -17,6 +17,7 @@ from flwr.common.constant import PARTITION_ID_KEY
 
 from fedsim.environment import RunEnvironment
 from fedsim.seeding import derive_seed, torch_generator
+from fedsim.trainer import RoundConfig
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -43,8 +44,8 @@ def make_client_app(env: RunEnvironment) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         device = env.enter()
         client = client_id(context)
-        config = only(message.content.config_records, "ConfigRecord")
-        server_round = int(config["server-round"])
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"))
+        server_round = config.server_round
         seed = derive_seed(env.experiment.seed, "train", server_round, client)
         torch.manual_seed(seed)  # dropout and any other global-RNG draw in the model
         store = env.state_store
@@ -66,9 +67,9 @@ def make_client_app(env: RunEnvironment) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         device = env.enter()
         client = client_id(context)
-        config = only(message.content.config_records, "ConfigRecord")
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"))
         data = env.client_data(client)
-        state = env.state_store.load(client, int(config["server-round"]))
+        state = env.state_store.load(client, config.server_round)
         metrics = env.trainer().evaluate(
             env.new_model(), only(message.content.array_records, "ArrayRecord"), data, config, state, device
         )

@@ -138,8 +138,8 @@ def resolve(experiment: Experiment, source: str) -> Experiment:
         }
         data = experiment.to_dict()
         for table, (component, fixed) in tables.items():
-            params = getattr(experiment, table).params
-            validate_parameters(component, params, f"[{table}]", reserved=fixed)
+            params = validate_parameters(component, getattr(experiment, table).params, f"[{table}]", reserved=fixed)
+            data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
             for key, default in _defaults(component).items():
                 if key not in params and key not in fixed:
                     data[table][key] = default

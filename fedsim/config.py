@@ -187,21 +187,22 @@ def validate(data: dict[str, Any], source: str = "experiment") -> Experiment:
         experiment = Experiment.model_validate(data)
     except ValidationError as error:
         loc, value, message = first_error_line(error)
-        if not loc:
-            raise UserError(f"{source}: {message}") from None
+        where = f"[{loc[0]}] {loc[1]}" if len(loc) > 1 else ".".join(map(str, loc))
+        if error.errors()[0]["type"] == "missing":
+            raise UserError(f"{source}: missing required key {where!r}") from None
         if len(loc) == 1 and isinstance(value, dict):  # a check across a whole table
             raise UserError(f"{source}: [{loc[0]}] {message}") from None
-        where = f"[{loc[0]}] {loc[1]}" if len(loc) > 1 else str(loc[0])
-        if "missing" in message.lower() or error.errors()[0]["type"] == "missing":
-            raise UserError(f"{source}: missing required key {where!r}") from None
         raise UserError(f"{source}: {where} = {value!r} is invalid: {message}") from None
     from fedsim.components import resolve
 
     return resolve(experiment, source)
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, override and validate an experiment file."""
+SWEEP_TABLE = "sweep"  # read only by `fedsim sweep`; set aside for everything else
+
+
+def read_experiment_file(path: str | Path) -> dict[str, Any]:
+    """The raw TOML data of an experiment file, before overrides and validation."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -210,7 +211,21 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     except OSError as error:
         raise UserError(f"cannot read experiment file {str(path)!r}: {error.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML: {error}") from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment file (its ``[sweep]`` table is ignored)."""
+    data = read_experiment_file(path)
+    data.pop(SWEEP_TABLE, None)
     return validate(apply_overrides(data, overrides or []), str(path))
+
+
+def load_sweep_table(path: str | Path) -> dict[str, Any]:
+    """The experiment file's ``[sweep]`` table (see :mod:`fedsim.sweep`), empty if it has none."""
+    table = read_experiment_file(path).get(SWEEP_TABLE, {})
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: {SWEEP_TABLE!r} must be a table [{SWEEP_TABLE}], got {table!r}")
+    return table

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import sys
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
@@ -47,10 +49,13 @@ def lookup(table: Mapping[str, Any], name: str, kind: str) -> Any:
 
 
 def load_reference(reference: str, kind: str) -> Any:
-    """Import ``"package.module:Name"`` and return ``Name``."""
+    """Import ``"package.module:Name"`` (from the current folder or the Python path) and
+    return ``Name``."""
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
         raise UserError(f"{kind} reference {reference!r} must look like 'package.module:Name'")
+    if os.getcwd() not in sys.path:  # `fedsim run` finds a my_strategy.py beside the experiment
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -67,19 +72,46 @@ def plugin_table(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def _initialisers(component: Callable[..., Any]) -> list[Callable[..., Any]]:
+    """The functions whose parameters a component accepts.
+
+    For a class: its ``__init__``, and while that forwards ``**kwargs``, the ``__init__``
+    of each base class too, so that a subclass written as
+    ``def __init__(self, *, my_option=1, **kwargs): super().__init__(**kwargs)`` still
+    accepts (and has validated) its parent's parameters.
+    """
+    if not inspect.isclass(component):
+        return [component]
+    chain = []
+    for klass in component.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        chain.append(klass.__init__)
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return chain
+
+
 def accepted_parameters(component: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    """The keyword parameters a class (its ``__init__``) or function accepts."""
-    target = component.__init__ if inspect.isclass(component) else component
-    params = inspect.signature(target).parameters
-    return {name: p for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    """The keyword parameters a class (its ``__init__`` chain) or function accepts."""
+    accepted: dict[str, inspect.Parameter] = {}
+    for function in _initialisers(component):
+        for name, p in inspect.signature(function).parameters.items():
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                accepted.setdefault(name, p)
+    return accepted
 
 
 def _type_hints(component: Callable[..., Any]) -> dict[str, Any]:
-    target = component.__init__ if inspect.isclass(component) else component
-    try:
-        return typing.get_type_hints(target, include_extras=True)
-    except Exception:  # unresolvable forward references: fall back to no coercion
-        return {}
+    hints: dict[str, Any] = {}
+    for function in _initialisers(component):
+        try:
+            for name, hint in typing.get_type_hints(function, include_extras=True).items():
+                hints.setdefault(name, hint)
+        except Exception:  # unresolvable forward references: those values go unchecked
+            continue
+    return hints
 
 
 def first_error_line(error: pydantic.ValidationError) -> tuple[tuple[Any, ...], Any, str]:

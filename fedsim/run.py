@@ -52,9 +52,14 @@ def run_experiment(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    verbose: bool = False,
 ) -> RunResult:
-    """Run (or resume) ``experiment`` into its run directory and return its summary."""
+    """Run (or resume) ``experiment`` into its run directory and return its summary.
+
+    ``progress`` shows a progress bar; ``verbose`` lets Flower's own log through.
+    """
     started = time.monotonic()
+    quiet_flower(verbose)
     run = RunDirectory(out if out is not None else default_out(experiment))
     status = run.status(experiment, overwrite)
     if status == "finished":

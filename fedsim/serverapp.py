@@ -23,10 +23,11 @@ from flwr.supercore.run import Run
 
 from fedsim.clientapp import CONFIG_KEY, METRICS_KEY
 from fedsim.components import make_strategy
+from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
 from fedsim.results import Checkpoint, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
-from fedsim.trainer import LocalSettings
+from fedsim.trainer import RoundConfig
 from fedsim.training import classification_metrics, predict
 
 REPLY_TIMEOUT_S = 24 * 3600.0  # a simulated client never drops out; waiting is correct
@@ -100,6 +101,11 @@ class OrderedGrid(Grid):
         return sorted(replies, key=lambda reply: self.clients[reply.metadata.src_node_id])
 
 
+def train_config(experiment: Experiment) -> ConfigRecord:
+    """The experiment's ``[client]`` table as the ConfigRecord sent with every train message."""
+    return RoundConfig(**experiment.client.model_dump(exclude={"local_test_fraction"})).to_config()
+
+
 RoundCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -160,21 +166,18 @@ class Federation:
             arrays, first = self.initial_arrays(), 1
             self.final = self.evaluate_global(arrays)
             self.run.append_metrics(self._rows(0, "server", "global", self.final))
-        settings = LocalSettings(**self.experiment.client.model_dump(exclude={"local_test_fraction"}))
         for server_round in range(first, self.experiment.rounds + 1):
-            arrays = self.play_round(server_round, strategy, arrays, grid, settings)
+            arrays = self.play_round(server_round, strategy, arrays, grid)
 
-    def play_round(
-        self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid, settings: LocalSettings
-    ) -> ArrayRecord:
+    def play_round(self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid) -> ArrayRecord:
         rows: list[MetricRow] = []
         # Flower samples clients with the module-level `random`: seed it per round, so
         # the choice depends on (seed, round) only, on every engine and after a resume.
         random.seed(derive_seed(self.experiment.seed, "sample", server_round))
 
-        train_config = ConfigRecord(settings.to_config())
         replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid), timeout=REPLY_TIMEOUT_S
+            strategy.configure_train(server_round, arrays, train_config(self.experiment), grid),
+            timeout=REPLY_TIMEOUT_S,
         )
         _raise_on_errors(replies, grid.clients, f"round {server_round} (train)")
         rows += self._client_rows(server_round, replies, grid)
@@ -220,7 +223,7 @@ class Federation:
 
     def _last_server_metrics(self) -> dict[str, float]:
         frame = self.run.read_metrics()
-        server = frame[(frame.scope == "server") & (frame.round == frame.round.max())]
+        server = frame[(frame.scope == "server") & (frame["round"] == frame["round"].max())]
         clients = frame[(frame.scope == "client") & (frame.metric == "accuracy")]
         self.client_accuracy = clients.groupby("id").value.last().to_dict()
         return dict(zip(server.metric, server.value))

@@ -8,6 +8,7 @@ step that differs, and its Strategy names it in a ``client_trainer`` class attri
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,28 +25,40 @@ ClientState = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class LocalSettings:
-    """Local-training settings carried by the round's ConfigRecord.
+class RoundConfig:
+    """A round's ConfigRecord, read once: local-training settings plus method parameters.
 
-    The server puts the experiment's ``[client]`` table into every train message, so a
-    strategy can change them per round; Flower's FedProx adds ``proximal-mu``.
+    The server puts the experiment's ``[client]`` table into every train message (so a
+    strategy may change it per round) and Flower injects ``server-round``. Anything else a
+    strategy sends (FedProx's ``proximal-mu``, a method's own keys) is in ``extra``.
     """
 
+    server_round: int = 0
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"
-    proximal_mu: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_config(self) -> dict[str, Any]:
-        return {name.replace("_", "-"): value for name, value in vars(self).items() if name != "proximal_mu"}
+    @property
+    def proximal_mu(self) -> float:
+        return float(self.extra.get("proximal-mu", 0.0))
+
+    def to_config(self) -> ConfigRecord:
+        """The local-training settings as ConfigRecord entries (``server-round`` is Flower's)."""
+        settings = {
+            key.replace("_", "-"): value for key, value in vars(self).items() if key not in ("server_round", "extra")
+        }
+        return ConfigRecord({**settings, **self.extra})
 
     @classmethod
-    def from_config(cls, config: ConfigRecord) -> LocalSettings:
-        known = {name.replace("_", "-"): name for name in cls.__dataclass_fields__}
-        return cls(**{known[k]: v for k, v in config.items() if k in known})
+    def from_config(cls, config: ConfigRecord) -> RoundConfig:
+        fields = {name.replace("_", "-"): name for name in cls.__dataclass_fields__ if name != "extra"}
+        known = {fields[key]: value for key, value in config.items() if key in fields}
+        extra = {key: value for key, value in config.items() if key not in fields}
+        return cls(**known, extra=extra)
 
 
 @dataclass
@@ -66,47 +79,48 @@ class ClientTrainer:
         """Load the server's arrays into the model."""
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
 
-    def make_optimizer(self, model: nn.Module, settings: LocalSettings) -> torch.optim.Optimizer:
-        if settings.optimizer == "adam":
-            return torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    def make_optimizer(self, model: nn.Module, config: RoundConfig) -> torch.optim.Optimizer:
+        if config.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         return torch.optim.SGD(
-            model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
 
     def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(model(x), y)
 
+    def before_step(self, model: nn.Module, config: RoundConfig) -> None:
+        """Hook between backward and the optimizer step (gradient clipping, say)."""
+
     def fit(
         self,
         model: nn.Module,
         data: ClientData,
-        settings: LocalSettings,
+        config: RoundConfig,
         generator: torch.Generator,
         device: torch.device,
     ) -> dict[str, float]:
-        """Run the local epochs; return the mean training loss and accuracy."""
+        """Run the local epochs; return the mean training loss."""
         x = torch.as_tensor(data.x_train).to(device)
         y = torch.as_tensor(data.y_train).to(device)
-        optimizer = self.make_optimizer(model, settings)
-        anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
+        optimizer = self.make_optimizer(model, config)
+        mu = config.proximal_mu
+        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
         model.train()
         total_loss, seen = 0.0, 0
-        for _ in range(settings.local_epochs):
-            for xb, yb in batches(x, y, settings.batch_size, generator):
+        for _ in range(config.local_epochs):
+            for xb, yb in batches(x, y, config.batch_size, generator):
                 optimizer.zero_grad()
                 loss = self.batch_loss(model, xb, yb)
                 if anchor is not None:
                     drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
-                    loss = loss + settings.proximal_mu / 2 * drift
+                    loss = loss + mu / 2 * drift
                 loss.backward()
-                self.before_step(model)
+                self.before_step(model, config)
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(yb)
                 seen += len(yb)
         return {"train_loss": total_loss / max(seen, 1)}
-
-    def before_step(self, model: nn.Module) -> None:
-        """Hook between backward and the optimizer step (gradient clipping, say)."""
 
     def send(self, model: nn.Module, state: ClientState) -> tuple[ArrayRecord, ClientState]:
         """What goes back to the server, and what the client keeps."""
@@ -117,14 +131,14 @@ class ClientTrainer:
         model: nn.Module,
         arrays: ArrayRecord,
         data: ClientData,
-        config: ConfigRecord,
+        config: RoundConfig,
         state: ClientState,
         generator: torch.Generator,
         device: torch.device,
     ) -> TrainResult:
         self.receive(model, arrays, state)
         model.to(device)
-        metrics = self.fit(model, data, LocalSettings.from_config(config), generator, device)
+        metrics = self.fit(model, data, config, generator, device)
         model.cpu()
         reply, state = self.send(model, state)
         return TrainResult(reply, metrics, state)
@@ -134,7 +148,7 @@ class ClientTrainer:
         model: nn.Module,
         arrays: ArrayRecord,
         data: ClientData,
-        config: ConfigRecord,
+        config: RoundConfig,
         state: ClientState,
         device: torch.device,
     ) -> dict[str, float]:

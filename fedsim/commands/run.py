@@ -30,11 +30,12 @@ def default_config() -> Path:
 
 def execute(args: argparse.Namespace) -> int:
     from fedsim.config import load_experiment
-    from fedsim.run import quiet_flower, run_experiment
+    from fedsim.run import run_experiment
 
     experiment = load_experiment(args.config or default_config(), args.set)
-    quiet_flower(args.verbose)
-    result = run_experiment(experiment, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    result = run_experiment(
+        experiment, args.out, overwrite=args.overwrite, progress=not args.quiet, verbose=args.verbose
+    )
     if not args.quiet:
         s = result.summary
         note = {"finished": " (already finished; --overwrite to run again)", "resume": " (resumed)"}.get(

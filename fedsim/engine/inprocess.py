@@ -44,6 +44,11 @@ class InProcessGrid(Grid):
             for client in range(num_clients)
         }
         self._replies: dict[str, Message] = {}
+        # Messages stamp their sender from this process-wide identity; this process is
+        # the server's, as under Flower's own runtimes (see flwr.server.compat.app).
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = self._run.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -97,10 +102,5 @@ class InProcessEngine:
 
     def execute(self, server_main: ServerMain, client_app: ClientApp, num_clients: int) -> None:
         grid = InProcessGrid(client_app, num_clients)
-        # Messages stamp their sender from this process-wide identity, as under Flower's
-        # own runtimes (see flwr.server.compat.app).
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = grid.run.run_id
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         server_main(grid, context)

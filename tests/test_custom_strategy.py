@@ -1,0 +1,118 @@
+"""Plugging in a strategy without editing fedsim: the README's example, by reference and
+by entry point; and fedsim's strategies inside Flower's own Strategy.start loop."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+
+import pytest
+from flwr.app import ArrayRecord
+
+from fedsim.cli import main
+from fedsim.clientapp import make_client_app
+from fedsim.data import load_dataset
+from fedsim.engine import InProcessGrid
+from fedsim.environment import RunEnvironment
+from fedsim.results import RunDirectory
+from fedsim.run import run_experiment
+from fedsim.serverapp import train_config
+from fedsim.splitting import split_dataset
+from strategies import STRATEGIES
+
+from .conftest import ROOT, tiny_experiment
+
+
+def readme_example() -> str:
+    """The Python block that follows the README's mention of `my_strategy.py`."""
+    readme = (ROOT / "README.md").read_text()
+    after = readme[readme.index("`my_strategy.py`") :]
+    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+
+
+@pytest.fixture
+def example_module(tmp_path, monkeypatch):
+    (tmp_path / "my_strategy.py").write_text(readme_example())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("my_strategy", None)
+
+
+def test_readme_example_is_about_thirty_lines():
+    lines = [line for line in readme_example().splitlines() if line.strip()]
+    assert 15 <= len(lines) <= 35
+
+
+def test_readme_strategy_runs_by_reference(example_module, tmp_path):
+    experiment = tiny_experiment("strategy.name=my_strategy:ClippedFedAvg", "strategy.max_grad_norm=0.5")
+    assert experiment.strategy.params["max_grad_norm"] == 0.5
+    result = run_experiment(experiment, tmp_path / "run")
+    assert result.summary["strategy"] == "my_strategy:ClippedFedAvg"
+    assert 0 <= result.summary["accuracy"] <= 1
+
+
+def test_readme_strategy_clips_for_real(example_module, tmp_path):
+    """A tiny bound must change training: the clipping reaches the clients."""
+    clipped = tiny_experiment("strategy.name=my_strategy:ClippedFedAvg", "strategy.max_grad_norm=0.001")
+    plain = tiny_experiment()
+    a = run_experiment(clipped, tmp_path / "clipped").summary["loss"]
+    b = run_experiment(plain, tmp_path / "plain").summary["loss"]
+    assert a > b + 0.1, "with norm 0.001 the model should barely move from its initial loss"
+
+
+def test_constructor_parameters_are_validated(example_module, capsys):
+    code = main(
+        [
+            "run",
+            str(ROOT / "experiments/quickstart.toml"),
+            "--quiet",
+            "--set",
+            "strategy.name=my_strategy:ClippedFedAvg",
+            "--set",
+            "strategy.max_grad_norm=big",
+        ]
+    )
+    assert code == 2
+    assert "[strategy] max_grad_norm = 'big' is invalid" in capsys.readouterr().err
+
+
+def test_entry_point_plugin(example_module, tmp_path, capsys):
+    """An installed package registers a name in the `fedsim.strategies` group."""
+    dist_info = example_module / "my_strategy-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-strategy\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        textwrap.dedent(
+            """\
+            [fedsim.strategies]
+            clipped-fedavg = my_strategy:ClippedFedAvg
+            """
+        )
+    )
+    assert main(["list"]) == 0
+    assert "clipped-fedavg" in capsys.readouterr().out
+    result = run_experiment(tiny_experiment("strategy.name=clipped-fedavg"), tmp_path / "run")
+    assert json.loads((tmp_path / "run/summary.json").read_text())["strategy"] == "clipped-fedavg"
+    assert result.summary["rounds_completed"] == 2
+
+
+def test_builtin_strategies_run_under_flowers_own_start(tmp_path):
+    """fedsim's strategies are plain Flower strategies: Strategy.start drives them against
+    the in-process Grid and fedsim's ClientApp, with no fedsim server code involved."""
+    experiment = tiny_experiment()
+    run = RunDirectory(tmp_path / "run")
+    run.start(experiment)
+    split_dataset(experiment, load_dataset("digits")).save(run.partition)
+    env = RunEnvironment(experiment, run.path)
+    grid = InProcessGrid(make_client_app(env), num_clients=4)
+    strategy = STRATEGIES["fedavg"](min_available_nodes=4)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(env.new_model().state_dict()),
+        num_rounds=2,
+        train_config=train_config(experiment),
+    )
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert 0 <= result.evaluate_metrics_clientapp[2]["accuracy"] <= 1

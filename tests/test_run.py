@@ -1,0 +1,142 @@
+"""End to end: a tiny experiment on each engine, the run directory it leaves, and the
+quickstart's promised accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.cli import main
+from fedsim.config import load_experiment
+from fedsim.results import METRIC_COLUMNS
+from fedsim.run import run_experiment
+from partitioners import Partition
+
+from .conftest import QUICKSTART, tiny_experiment
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_run_directory(path, experiment, engine):
+    for name in (
+        "config.toml",
+        "partition.npz",
+        "metrics.csv",
+        "summary.json",
+        "plots/accuracy.png",
+        "plots/partition.png",
+    ):
+        assert (path / name).is_file(), name
+    assert (path / "plots/accuracy.png").read_bytes()[:8] == PNG_MAGIC
+
+    summary = json.loads((path / "summary.json").read_text())
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["loss"] > 0
+    assert summary["rounds_completed"] == experiment.rounds
+    assert summary["seed"] == experiment.seed
+    assert summary["engine"] == engine
+    assert summary["strategy"] == "fedavg"
+    assert summary["wall_time_s"] > 0
+
+    metrics = pd.read_csv(path / "metrics.csv", dtype={"id": str})
+    assert list(metrics.columns) == METRIC_COLUMNS
+    server = metrics[(metrics.scope == "server") & (metrics.metric == "accuracy")]
+    assert server["round"].tolist() == list(range(experiment.rounds + 1))
+    assert server["value"].iloc[-1] == pytest.approx(summary["accuracy"])
+    clients = metrics[(metrics.scope == "client") & (metrics.metric == "accuracy")]
+    assert sorted(clients.id.unique()) == ["0", "1", "2", "3"]
+    assert set(metrics.scope) == {"server", "client", "federated"}
+
+    partition = Partition.load(path / "partition.npz")
+    assert partition.num_clients == 4
+    assert partition.sizes.sum() == 1437  # every digits training sample is dealt out
+    assert load_experiment(path / "config.toml").to_dict() == experiment.to_dict()
+    return metrics
+
+
+def test_tiny_run_in_process(tmp_path):
+    experiment = tiny_experiment()
+    result = run_experiment(experiment, tmp_path / "run")
+    assert result.status == "new"
+    metrics = check_run_directory(tmp_path / "run", experiment, "inprocess")
+    first, last = metrics[(metrics.scope == "server") & (metrics.metric == "loss")].value.iloc[[0, -1]]
+    assert last < first, "two rounds of FedAvg should lower the global loss"
+
+
+@pytest.mark.ray
+def test_tiny_run_on_ray_matches_in_process(tmp_path):
+    """Equal thread counts give bit-identical runs: Ray gives each client num_cpus=1
+    thread, so the in-process engine is held to num_threads=1 too."""
+    ray_experiment = tiny_experiment("engine.name=ray", "engine.num_cpus=1")
+    run_experiment(ray_experiment, tmp_path / "ray")
+    check_run_directory(tmp_path / "ray", ray_experiment, "ray")
+    local = tiny_experiment("engine.num_threads=1")
+    run_experiment(local, tmp_path / "local")
+    ray_summary = json.loads((tmp_path / "ray/summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local/summary.json").read_text())
+    assert ray_summary["accuracy"] == local_summary["accuracy"]
+    assert (tmp_path / "ray/metrics.csv").read_bytes() == (tmp_path / "local/metrics.csv").read_bytes()
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    experiment = tiny_experiment("strategy.fraction_train=0.5", "rounds=3")
+    run_experiment(experiment, tmp_path / "a")
+    run_experiment(experiment, tmp_path / "b")
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+    other = tiny_experiment("strategy.fraction_train=0.5", "rounds=3", "seed=1")
+    run_experiment(other, tmp_path / "c")
+    assert (tmp_path / "a/metrics.csv").read_bytes() != (tmp_path / "c/metrics.csv").read_bytes()
+
+
+def test_sampling_follows_fraction_train(tmp_path):
+    experiment = tiny_experiment("strategy.fraction_train=0.5", "rounds=4")
+    run_experiment(experiment, tmp_path / "run")
+    metrics = pd.read_csv(tmp_path / "run/metrics.csv", dtype={"id": str})
+    trained = metrics[(metrics.scope == "client") & (metrics.metric == "train_loss")]
+    per_round = trained.groupby("round").id.apply(sorted)
+    assert all(len(ids) == 2 for ids in per_round)
+    assert len({tuple(ids) for ids in per_round}) > 1, "sampling should not pick the same clients every round"
+
+
+def test_rerun_reuses_finished_and_refuses_a_different_experiment(tmp_path, capsys):
+    experiment = tiny_experiment()
+    first = run_experiment(experiment, tmp_path / "run")
+    again = run_experiment(experiment, tmp_path / "run")
+    assert again.status == "finished" and again.summary == first.summary
+    code = main(["run", str(QUICKSTART), "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 2
+    assert "different experiment" in capsys.readouterr().err
+    overwritten = run_experiment(tiny_experiment("seed=5"), tmp_path / "run", overwrite=True)
+    assert overwritten.status == "new" and overwritten.summary["seed"] == 5
+
+
+def test_run_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("precious")
+    assert main(["run", str(QUICKSTART), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "not a fedsim run" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_impossible_partition_is_a_one_line_error(tmp_path, capsys):
+    code = main(
+        ["run", str(QUICKSTART), "--set", "partition.num_clients=1000", "--out", str(tmp_path / "r"), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "min_size" in err and "num_clients" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_quickstart_reaches_its_target(tmp_path, capsys):
+    """The README's promise: FedAvg on mnist5k, Dirichlet(0.5), 20 rounds -> >= 0.92."""
+    assert main(["run", "--out", str(tmp_path / "qs")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "qs/summary.json").read_text())
+    assert summary["accuracy"] >= 0.92
+    assert f"accuracy {summary['accuracy']:.4f}" in out
+    labels = Partition.load(tmp_path / "qs/partition.npz").label_matrix()
+    shares = labels / labels.sum(axis=1, keepdims=True)
+    assert np.mean(shares.max(axis=1)) > 0.2, "Dirichlet(0.5) should be visibly non-IID"
