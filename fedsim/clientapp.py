@@ -10,19 +10,35 @@ training settings). It keeps its own state in a :class:`~fedsim.state.ClientStat
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY
 
+from fedsim.data import ClientData
 from fedsim.environment import RunEnvironment
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.trainer import RoundConfig
+from fedsim.training import classification_metrics
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight replies by this metric
+DOMAIN_CORRECT = "domain-correct"
+DOMAIN_COUNT = "domain-count"
+
+
+def evaluation_metrics(logits: torch.Tensor, data: ClientData, num_domains: int) -> dict:
+    """Loss, accuracy and example count; with domains, per-domain correct and total counts
+    as fixed-length lists (every client's MetricRecord must have the same keys)."""
+    metrics: dict = {**classification_metrics(logits, data.y_test), NUM_EXAMPLES: len(data.y_test)}
+    if num_domains and data.domain_test is not None:
+        correct = (logits.argmax(1).numpy() == data.y_test).astype(np.int64)
+        metrics[DOMAIN_CORRECT] = np.bincount(data.domain_test, weights=correct, minlength=num_domains).tolist()
+        metrics[DOMAIN_COUNT] = np.bincount(data.domain_test, minlength=num_domains).astype(float).tolist()
+    return metrics
 
 
 def client_id(context: Context) -> int:
@@ -70,11 +86,10 @@ def make_client_app(env: RunEnvironment) -> ClientApp:
         config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"))
         data = env.client_data(client)
         state = env.state_store.load(client, config.server_round)
-        metrics = env.trainer().evaluate(
-            env.new_model(), only(message.content.array_records, "ArrayRecord"), data, config, state, device
-        )
-        metrics = MetricRecord({**metrics, NUM_EXAMPLES: len(data.y_test)})
-        return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+        arrays = only(message.content.array_records, "ArrayRecord")
+        logits = env.trainer().predict(env.new_model(), arrays, data, config, state, device)
+        metrics = evaluation_metrics(logits, data, len(env.dataset().domains))
+        return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:

@@ -137,11 +137,12 @@ def resolve(experiment: Experiment, source: str) -> Experiment:
             "engine": (engine_cls, {}),
         }
         data = experiment.to_dict()
+        data["model"].update(_required_model_options(strategy_cls, model_cls, experiment))
         for table, (component, fixed) in tables.items():
             params = validate_parameters(component, getattr(experiment, table).params, f"[{table}]", reserved=fixed)
             data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
             for key, default in _defaults(component).items():
-                if key not in params and key not in fixed:
+                if key not in data[table] and key not in fixed:
                     data[table][key] = default
             for key, value in fixed.items():
                 if value is not None and key not in params and key in accepted_parameters(component):
@@ -152,6 +153,26 @@ def resolve(experiment: Experiment, source: str) -> Experiment:
     except UserError as error:
         raise UserError(f"{source}: {error}") from None
     return resolved
+
+
+def _required_model_options(strategy_cls: type[Strategy], model_cls: type, experiment: Experiment) -> dict[str, Any]:
+    """The model options a strategy insists on (FedWon: ``norm = "none"``), checked
+    against what the experiment asks for and what the model offers."""
+    required = getattr(strategy_cls, "model_options", {})
+    accepted = accepted_parameters(model_cls)
+    for key, value in required.items():
+        if key not in accepted:
+            raise UserError(
+                f"[model] strategy {experiment.strategy.name!r} needs a model with a {key!r} option; "
+                f"model {experiment.model.name!r} has none"
+            )
+        chosen = experiment.model.params.get(key, value)
+        if chosen != value:
+            raise UserError(
+                f"[model] {key} = {chosen!r} conflicts with strategy {experiment.strategy.name!r}, "
+                f"which needs {key} = {value!r}; remove the key or set it to {value!r}"
+            )
+    return dict(required)
 
 
 def _defaults(component: Any) -> dict[str, Any]:

@@ -30,9 +30,9 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 
 def describe(obj: Any) -> str:
-    """The first line of an object's docstring: its one-line description."""
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The first paragraph of an object's docstring, on one line: its description."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def lookup(table: Mapping[str, Any], name: str, kind: str) -> Any:

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
-from fedsim.clientapp import CONFIG_KEY, METRICS_KEY
+from fedsim.clientapp import CONFIG_KEY, DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
 from fedsim.components import make_strategy
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
@@ -133,6 +133,8 @@ class Federation:
         self.on_round = on_round or (lambda _round, _metrics: None)
         self.final: dict[str, float] = {}
         self.client_accuracy: dict[str, float] = {}
+        self.accuracy_by_domain: dict[str, float] = {}
+        self.evaluated_on = "global-test"  # where `final` comes from; see is_personalized
         self._started = time.monotonic()
 
     # -- building blocks ------------------------------------------------------------
@@ -160,10 +162,12 @@ class Federation:
         grid = OrderedGrid(grid, discover_clients(grid, self.num_clients))
         if self.resume is not None:
             strategy, arrays, first = self.resume.strategy, self.resume.arrays, self.resume.round + 1
-            self.final = self._last_server_metrics()
         else:
-            strategy = make_strategy(self.experiment, self.num_clients)
-            arrays, first = self.initial_arrays(), 1
+            strategy, arrays, first = make_strategy(self.experiment, self.num_clients), self.initial_arrays(), 1
+        self.evaluated_on = "client-holdout" if is_personalized(strategy) else "global-test"
+        if self.resume is not None:
+            self._restore_from_metrics()
+        elif self.evaluated_on == "global-test":
             self.final = self.evaluate_global(arrays)
             self.run.append_metrics(self._rows(0, "server", "global", self.final))
         for server_round in range(first, self.experiment.rounds + 1):
@@ -194,12 +198,16 @@ class Federation:
         for reply in replies:
             client = str(grid.clients[reply.metadata.src_node_id])
             self.client_accuracy[client] = float(reply.content[METRICS_KEY].get("accuracy", np.nan))
-        rows += self._rows(
-            server_round, "federated", "evaluate", strategy.aggregate_evaluate(server_round, replies) or {}
-        )
+        rows += self._domain_rows(server_round, replies)
+        on_clients = strategy.aggregate_evaluate(server_round, replies) or {}
+        rows += self._rows(server_round, "federated", "evaluate", on_clients)
 
-        self.final = self.evaluate_global(arrays)
-        rows += self._rows(server_round, "server", "global", self.final)
+        if self.evaluated_on == "client-holdout":
+            # Each client's own model on its own held-out data is the result to report.
+            self.final = {key: float(on_clients[key]) for key in ("accuracy", "loss") if key in on_clients}
+        else:
+            self.final = self.evaluate_global(arrays)
+            rows += self._rows(server_round, "server", "global", self.final)
         self.run.append_metrics(rows)
         self.run.save_checkpoint(Checkpoint(server_round, arrays, strategy, self.run.metrics_size(), self.elapsed()))
         self.on_round(server_round, self.final)
@@ -211,7 +219,7 @@ class Federation:
         return [
             MetricRow(server_round, scope, ident, key, float(value))
             for key, value in dict(metrics).items()
-            if isinstance(value, (int, float)) and key != "num-examples"
+            if isinstance(value, (int, float)) and key != NUM_EXAMPLES
         ]
 
     def _client_rows(self, server_round: int, replies: list[Message], grid: OrderedGrid) -> list[MetricRow]:
@@ -221,9 +229,34 @@ class Federation:
             rows += self._rows(server_round, "client", client, reply.content[METRICS_KEY])
         return rows
 
-    def _last_server_metrics(self) -> dict[str, float]:
+    def _domain_rows(self, server_round: int, replies: list[Message]) -> list[MetricRow]:
+        """Accuracy per domain over every evaluated client's held-out data."""
+        domains = self.dataset.domains
+        counted = [reply.content[METRICS_KEY] for reply in replies if DOMAIN_COUNT in reply.content[METRICS_KEY]]
+        if not domains or not counted:
+            return []
+        correct = np.sum([metrics[DOMAIN_CORRECT] for metrics in counted], axis=0)
+        total = np.sum([metrics[DOMAIN_COUNT] for metrics in counted], axis=0)
+        self.accuracy_by_domain = {name: float(c / n) for name, c, n in zip(domains, correct, total) if n > 0}
+        return [
+            MetricRow(server_round, "domain", name, "accuracy", acc) for name, acc in self.accuracy_by_domain.items()
+        ]
+
+    def _restore_from_metrics(self) -> None:
+        """Rebuild the running figures of a resumed run from its metrics.csv."""
         frame = self.run.read_metrics()
-        server = frame[(frame.scope == "server") & (frame["round"] == frame["round"].max())]
+        last = frame[frame["round"] == frame["round"].max()]
+        if self.evaluated_on == "client-holdout":
+            headline = last[(last.scope == "federated") & (last.id == "evaluate")]
+        else:
+            headline = last[last.scope == "server"]
+        self.final = {key: value for key, value in zip(headline.metric, headline.value) if key in ("accuracy", "loss")}
         clients = frame[(frame.scope == "client") & (frame.metric == "accuracy")]
         self.client_accuracy = clients.groupby("id").value.last().to_dict()
-        return dict(zip(server.metric, server.value))
+        domains = last[(last.scope == "domain") & (last.metric == "accuracy")]
+        self.accuracy_by_domain = dict(zip(domains.id, domains.value))
+
+
+def is_personalized(strategy: Strategy) -> bool:
+    """Whether clients use models of their own, so the global arrays are not evaluated."""
+    return bool(getattr(strategy, "personalized", False))

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
 from fedsim.data import ClientData
-from fedsim.training import batches, classification_metrics, predict
+from fedsim.errors import UserError
+from fedsim.training import batches, predict
 
 ClientState = dict[str, np.ndarray]
 """Per-client arrays kept between rounds (FedBN's BN layers, say); never sent."""
@@ -106,10 +107,20 @@ class ClientTrainer:
         optimizer = self.make_optimizer(model, config)
         mu = config.proximal_mu
         anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+        # BatchNorm1d cannot normalise one sample: a trailing batch of one is skipped, and
+        # batch_size = 1 is refused with a message that says what to change.
+        single_sample_breaks = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+        if single_sample_breaks and config.batch_size == 1:
+            raise UserError(
+                "[client] batch_size = 1 cannot train the model's BatchNorm1d layers; "
+                "use a larger batch_size or [model] norm = 'gn', 'ln' or 'none'"
+            )
         model.train()
         total_loss, seen = 0.0, 0
         for _ in range(config.local_epochs):
             for xb, yb in batches(x, y, config.batch_size, generator):
+                if single_sample_breaks and len(yb) == 1:
+                    continue
                 optimizer.zero_grad()
                 loss = self.batch_loss(model, xb, yb)
                 if anchor is not None:
@@ -143,7 +154,7 @@ class ClientTrainer:
         reply, state = self.send(model, state)
         return TrainResult(reply, metrics, state)
 
-    def evaluate(
+    def predict(
         self,
         model: nn.Module,
         arrays: ArrayRecord,
@@ -151,8 +162,12 @@ class ClientTrainer:
         config: RoundConfig,
         state: ClientState,
         device: torch.device,
-    ) -> dict[str, float]:
-        """Loss and accuracy of the model this client would use, on its held-out data."""
+    ) -> torch.Tensor:
+        """Logits, on the client's held-out data, of the model this client would use.
+
+        The ClientApp turns them into loss, accuracy and per-domain accuracy, the same way
+        for every method, so that methods stay comparable.
+        """
         self.receive(model, arrays, state)
         model.to(device)
-        return classification_metrics(predict(model, data.x_test, device), data.y_test)
+        return predict(model, data.x_test, device)

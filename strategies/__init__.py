@@ -2,15 +2,22 @@
 
 A strategy whose clients do something other than FedAvg's local SGD names its client
 trainer (a :class:`fedsim.trainer.ClientTrainer` subclass) in a ``client_trainer`` class
-attribute. Every class here can be dropped into a plain Flower ServerApp.
+attribute. Two more optional class attributes tell fedsim about the method:
+``model_options`` (model options it requires, e.g. FedWon's ``{"norm": "none"}``) and
+``personalized = True`` (clients evaluate their own models, so the global arrays are not
+evaluated on the server). Every class here can be dropped into a plain Flower ServerApp.
 """
 
 from strategies.fedavg import FedAvg
+from strategies.fedbn import FedBN
 from strategies.fedprox import FedProx
+from strategies.fedwon import FedWon
 
 STRATEGIES: dict[str, type] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
+    "fedbn": FedBN,
+    "fedwon": FedWon,
 }
 
-__all__ = ["STRATEGIES", "FedAvg", "FedProx"]
+__all__ = ["STRATEGIES", "FedAvg", "FedBN", "FedProx", "FedWon"]

@@ -24,8 +24,14 @@ TINY = [
 
 
 def tiny_experiment(*overrides: str) -> Experiment:
-    """The quickstart shrunk to 4 clients on the 8x8 digits with a small MLP, 2 rounds."""
-    return load_experiment(QUICKSTART, [*TINY, *overrides])
+    """The quickstart shrunk to 4 clients on the 8x8 digits with a small MLP, 2 rounds.
+
+    Choosing another model drops the MLP's ``hidden`` option.
+    """
+    base = TINY
+    if any(override.startswith("model.name=") for override in overrides):
+        base = [override for override in TINY if not override.startswith("model.hidden=")]
+    return load_experiment(QUICKSTART, [*base, *overrides])
 
 
 @pytest.fixture

@@ -11,12 +11,16 @@ from typing import Any
 
 from torch import nn
 
+from fedsim.models.domain import AlexNet, DigitCNN, ResNet
 from fedsim.models.small import MLP, LeNet
 from fedsim.registry import build, lookup
 
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "lenet": LeNet,
+    "digitcnn": DigitCNN,
+    "resnet": ResNet,
+    "alexnet": AlexNet,
 }
 
 
@@ -26,4 +30,4 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **opt
     return build(model_cls, options, "[model]", input_shape=tuple(input_shape), num_classes=num_classes)
 
 
-__all__ = ["MODELS", "build_model", "MLP", "LeNet"]
+__all__ = ["MODELS", "build_model", "AlexNet", "DigitCNN", "LeNet", "MLP", "ResNet"]

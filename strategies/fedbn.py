@@ -1,0 +1,75 @@
+"""FedBN (Li et al., ICLR 2021): BatchNorm layers stay on the clients.
+
+Every BatchNorm parameter and buffer (weight, bias, running_mean, running_var,
+num_batches_tracked) is kept in the client's persistent state across rounds and is never
+sent; the server averages everything else. Each client evaluates its own model: the
+shared weights plus its own BatchNorm layers. On a model without BatchNorm, FedBN is
+FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
+
+from fedsim.models.norm import batchnorm_keys
+from fedsim.trainer import ClientState, ClientTrainer
+
+
+class FedBNTrainer(ClientTrainer):
+    """FedAvg's local training, with the BatchNorm layers taken from and kept in the
+    client's state instead of the server's arrays."""
+
+    def receive(self, model: nn.Module, arrays: ArrayRecord, state: ClientState) -> None:
+        local = batchnorm_keys(model)
+        incoming = arrays.to_torch_state_dict()
+        if not state:
+            # First round for this client: it starts from the shared initial model.
+            model.load_state_dict(incoming, strict=False)
+            return
+        shared = {key: value for key, value in incoming.items() if key not in local}
+        own = {key: torch.as_tensor(state[key]) for key in local}
+        model.load_state_dict({**shared, **own}, strict=True)
+
+    def send(self, model: nn.Module, state: ClientState) -> tuple[ArrayRecord, ClientState]:
+        local = batchnorm_keys(model)
+        weights = model.state_dict()
+        shared = ArrayRecord({key: Array(value.numpy()) for key, value in weights.items() if key not in local})
+        return shared, {key: weights[key].numpy().copy() for key in local}
+
+
+class FedBN(FedAvg):
+    """FedBN (Li et al., ICLR 2021): average all but BatchNorm; clients keep their own BN.
+
+    ``weighting = "uniform"`` (the authors' choice) gives every client the same weight in
+    the average; ``"samples"`` weights by training examples as FedAvg does.
+    """
+
+    client_trainer = FedBNTrainer
+    personalized = True  # the global arrays alone are not a model any client uses
+
+    def __init__(self, *, weighting: Literal["uniform", "samples"] = "uniform", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if weighting not in ("uniform", "samples"):
+            raise ValueError(f"weighting must be 'uniform' or 'samples', got {weighting!r}")
+        self.weighting = weighting
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # checks replies, weights by samples
+        if arrays is None or self.weighting == "samples":
+            return arrays, metrics
+        equal = [
+            RecordDict({"arrays": next(iter(reply.content.array_records.values())), "weight": MetricRecord({"w": 1})})
+            for reply in replies
+            if not reply.has_error()
+        ]
+        return aggregate_arrayrecords(equal, "w"), metrics
