@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from fedsim.commands import COMMANDS
-from fedsim.errors import UserError
+from fedsim.errors import ClientFailure, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ClientFailure as error:
+        print(f"error: {error} (run again with --verbose for the client's traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last finished round", file=sys.stderr)
         return 130

@@ -6,3 +6,7 @@ class UserError(Exception):
 
     Raise it with a message that names the bad key or value and says how to fix it.
     """
+
+
+class ClientFailure(RuntimeError):
+    """A simulated client raised an exception: one line, exit code 1."""

@@ -42,8 +42,9 @@ def default_out(experiment: Experiment) -> Path:
 
 
 def quiet_flower(verbose: bool = False) -> None:
-    """Flower logs every sampling and aggregation step at INFO; keep the console for us."""
-    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    """Flower logs every sampling and aggregation step at INFO, and a client's traceback
+    at ERROR; fedsim reports failures itself, so Flower speaks only with ``verbose``."""
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def run_experiment(

@@ -25,16 +25,13 @@ from fedsim.clientapp import CONFIG_KEY, DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_K
 from fedsim.components import make_strategy
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
+from fedsim.errors import ClientFailure, UserError
 from fedsim.results import Checkpoint, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
 from fedsim.trainer import RoundConfig
 from fedsim.training import classification_metrics, predict
 
 REPLY_TIMEOUT_S = 24 * 3600.0  # a simulated client never drops out; waiting is correct
-
-
-class ClientFailure(RuntimeError):
-    """A client raised an exception while handling a message."""
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
@@ -55,10 +52,24 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> 
 
 
 def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: str) -> None:
+    """Stop the run at the first client error, with the client's own message.
+
+    Engines report a client's exception as text (Ray: with its whole traceback); a
+    UserError raised on a client is a mistake in the experiment and is re-raised as one.
+    """
     for reply in replies:
-        if reply.has_error():
-            node = reply.metadata.src_node_id
-            raise ClientFailure(f"client {clients.get(node, node)} failed in {when}: {reply.error.reason}")
+        if not reply.has_error():
+            continue
+        reason = reply.error.reason
+        if USER_ERROR in reason:
+            raise UserError(reason.split(USER_ERROR)[-1].splitlines()[0].rstrip("'>"))
+        last_line = [line for line in reason.strip().splitlines() if line.strip()][-1]
+        message = last_line.split("Message: ", 1)[-1].rstrip("'>")
+        node = reply.metadata.src_node_id
+        raise ClientFailure(f"client {clients.get(node, node)} failed in {when}: {message}")
+
+
+USER_ERROR = f"{UserError.__module__}.{UserError.__name__}: "
 
 
 class OrderedGrid(Grid):

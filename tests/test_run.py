@@ -140,3 +140,36 @@ def test_quickstart_reaches_its_target(tmp_path, capsys):
     labels = Partition.load(tmp_path / "qs/partition.npz").label_matrix()
     shares = labels / labels.sum(axis=1, keepdims=True)
     assert np.mean(shares.max(axis=1)) > 0.2, "Dirichlet(0.5) should be visibly non-IID"
+
+
+RAY_REASON = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)
+  File "fedsim/trainer.py", line 114, in fit
+    raise UserError(
+fedsim.errors.UserError: [client] batch_size = 1 cannot train the model's BatchNorm1d layers
+
+The above exception was the direct cause of the following exception:
+flwr.clientapp.client_app.ClientAppException:
+Exception ClientAppException occurred. Message: [client] batch_size = 1 cannot train the model's BatchNorm1d layers'>"""
+
+
+def _error_reply(reason: str):
+    from flwr.app import Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+    instruction = Message(RecordDict(), dst_node_id=7, message_type="train")
+    return Message(Error(code=0, reason=reason), reply_to=instruction)
+
+
+def test_client_errors_become_one_line():
+    from fedsim.errors import ClientFailure, UserError
+    from fedsim.serverapp import _raise_on_errors
+
+    with pytest.raises(UserError) as user_error:
+        _raise_on_errors([_error_reply(RAY_REASON)], {7: 3}, "round 1 (train)")
+    assert str(user_error.value) == "[client] batch_size = 1 cannot train the model's BatchNorm1d layers"
+    other = (
+        "<class 'RuntimeError'>:<'Traceback...\nException ClientAppException occurred. Message: CUDA out of memory'>"
+    )
+    with pytest.raises(ClientFailure, match=r"^client 3 failed in round 1 \(train\): CUDA out of memory$"):
+        _raise_on_errors([_error_reply(other)], {7: 3}, "round 1 (train)")
