@@ -30,8 +30,9 @@ class RunEnvironment:
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads per client; None = torch's default
 
-    def enter(self) -> torch.device:
-        """Apply the thread setting to this process and return the torch device.
+    def enter(self, server: bool = False) -> torch.device:
+        """Apply the thread setting to this process and return the torch device (for the
+        ``server``'s evaluation, the CPU when this process sees no GPU).
 
         Clients and the server's evaluation use the same thread count on every engine:
         float sums depend on how work is split across threads, so equal thread counts
@@ -39,7 +40,7 @@ class RunEnvironment:
         """
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        return resolve_device(self.device)
+        return resolve_device(self.device, fall_back_to_cpu=server)
 
     @property
     def state_store(self) -> ClientStateStore:

@@ -160,7 +160,7 @@ class Federation:
         """
         model = self.env.new_model()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        device = self.env.enter()
+        device = self.env.enter(server=True)
         model.to(device)
         return classification_metrics(predict(model, self.dataset.x_test, device), self.dataset.y_test)
 

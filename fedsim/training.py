@@ -9,11 +9,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedsim.errors import UserError
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when this process can see a GPU, else the CPU."""
+
+def resolve_device(device: str, fall_back_to_cpu: bool = False) -> torch.device:
+    """``"auto"`` picks CUDA when this process can see a GPU, else the CPU.
+
+    A CUDA device this process cannot see is an error, or the CPU with
+    ``fall_back_to_cpu`` (the server's evaluation on a Ray head node without a GPU).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if fall_back_to_cpu:
+            return torch.device("cpu")
+        raise UserError(f"[engine] device = {device!r}, but this process sees no GPU; use 'auto' or 'cpu'")
     return torch.device(device)
 
 

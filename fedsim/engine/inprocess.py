@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Annotated
 from uuid import uuid4
 
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID
@@ -92,6 +93,8 @@ class InProcessEngine:
     """
 
     def __init__(self, device: Device = "auto", num_threads: Annotated[int, Field(ge=1)] | None = None) -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device = {device!r}, but this machine has no usable GPU; use 'auto' or 'cpu'")
         self.device = device
         self.num_threads = num_threads
 
