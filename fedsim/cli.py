@@ -6,6 +6,7 @@ Every mistake in the input is one line on stderr and exit code 2, never a traceb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ClientFailure as error:
         print(f"error: {error} (run again with --verbose for the client's traceback)", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`fedsim list | head`): stop quietly, as a Unix tool does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last finished round", file=sys.stderr)

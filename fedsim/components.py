@@ -109,11 +109,13 @@ def make_engine(experiment: Experiment):
     return build(engine_cls, experiment.engine.params, "[engine]")
 
 
-def resolve(experiment: Experiment, source: str) -> Experiment:
+def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] | None = None) -> Experiment:
     """Validate every component table without loading data, and fill in the defaults.
 
     The returned experiment spells out every parameter a component will use, so the
     run directory's config.toml still describes the run if a default changes later.
+    ``inherited`` names keys a table kept from the file after an override switched its
+    component; those the new component does not accept are dropped, not refused.
     """
     from fedsim.data import DATASETS
     from fedsim.engine import ENGINES
@@ -139,7 +141,12 @@ def resolve(experiment: Experiment, source: str) -> Experiment:
         data = experiment.to_dict()
         data["model"].update(_required_model_options(strategy_cls, model_cls, experiment))
         for table, (component, fixed) in tables.items():
-            params = validate_parameters(component, getattr(experiment, table).params, f"[{table}]", reserved=fixed)
+            params = getattr(experiment, table).params
+            stale = {key for key in (inherited or {}).get(table, ()) if key not in accepted_parameters(component)}
+            params = {key: value for key, value in params.items() if key not in stale}
+            for key in stale:
+                del data[table][key]
+            params = validate_parameters(component, params, f"[{table}]", reserved=fixed)
             data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
             for key, default in _defaults(component).items():
                 if key not in data[table] and key not in fixed:

@@ -4,6 +4,7 @@
 
     config.toml      the resolved experiment (defaults filled in, overrides applied)
     partition.npz    the clients' index arrays
+    skew.json        how skewed the partition is (partitioners.skew)
     metrics.csv      long form: round, scope, id, metric, value
     summary.json     final figures; present only once the run has finished
     checkpoint.pkl   global arrays + strategy after the last finished round
@@ -67,6 +68,7 @@ class RunDirectory:
 
     config = property(lambda self: self.path / "config.toml")
     partition = property(lambda self: self.path / "partition.npz")
+    skew = property(lambda self: self.path / "skew.json")
     metrics = property(lambda self: self.path / "metrics.csv")
     summary = property(lambda self: self.path / "summary.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pkl")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 import fedsim
+from fedsim import atomic
 from fedsim.clientapp import make_client_app
 from fedsim.components import make_engine
 from fedsim.config import Experiment
@@ -75,6 +77,7 @@ def run_experiment(
         partition = split_dataset(experiment, dataset)  # fails before anything is written
         run.start(experiment)
         partition.save(run.partition)
+        atomic.write_text(run.skew, json.dumps(partition.skew().to_dict(), indent=2) + "\n")
         plot_heatmap(
             partition.label_matrix(),
             run.plots / "partition.png",

@@ -5,15 +5,52 @@ Every scheme follows one contract (see :mod:`partitioners.base`)::
     partition = Dirichlet(num_clients=10, alpha=0.5).split(y, seed=0)
     partition[3]              # indices of client 3
     partition.label_matrix()  # clients x classes counts
+    partition.skew()          # per-client Hellinger / Jensen-Shannon / EMD, Gini of sizes
+
+Schemes that need more than labels say so in ``requires`` (``"domains"``,
+``"embeddings"``). To use any of them from Flower Datasets, see :mod:`partitioners.flower`.
 """
 
 from partitioners.base import Partition, Partitioner
 from partitioners.dirichlet import Dirichlet
+from partitioners.domain import DomainMixture, DomainPerClient, LabelDomainSkew
+from partitioners.embedders import EMBEDDERS, register_embedder
+from partitioners.embedding import EmbeddingClusters
 from partitioners.iid import IID
+from partitioners.label import Pathological, Shards
+from partitioners.mixture import LabelMixture
+from partitioners.quantity import QuantitySkew
+from partitioners.skew import SkewReport, measure_skew
 
 PARTITIONERS: dict[str, type[Partitioner]] = {
     "iid": IID,
     "dirichlet": Dirichlet,
+    "pathological": Pathological,
+    "shards": Shards,
+    "quantity": QuantitySkew,
+    "label-mixture": LabelMixture,
+    "embedding": EmbeddingClusters,
+    "domain": DomainPerClient,
+    "domain-mixture": DomainMixture,
+    "domain-lds": LabelDomainSkew,
 }
 
-__all__ = ["PARTITIONERS", "Partition", "Partitioner", "Dirichlet", "IID"]
+__all__ = [
+    "EMBEDDERS",
+    "PARTITIONERS",
+    "Dirichlet",
+    "DomainMixture",
+    "DomainPerClient",
+    "EmbeddingClusters",
+    "IID",
+    "LabelDomainSkew",
+    "LabelMixture",
+    "Partition",
+    "Partitioner",
+    "Pathological",
+    "QuantitySkew",
+    "Shards",
+    "SkewReport",
+    "measure_skew",
+    "register_embedder",
+]

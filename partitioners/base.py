@@ -69,10 +69,20 @@ class Partition:
         """Clients x groups matrix of sample counts for any per-sample group id."""
         group_ids = np.asarray(group_ids, dtype=np.int64)
         num_groups = int(num_groups if num_groups is not None else group_ids.max() + 1)
-        matrix = np.zeros((self.num_clients, num_groups), dtype=np.int64)
-        for client, ix in enumerate(self.client_indices):
-            matrix[client] = np.bincount(group_ids[ix], minlength=num_groups)
-        return matrix
+        owned = self.assigned()
+        clients = np.repeat(np.arange(self.num_clients), self.sizes)
+        cells = np.bincount(clients * num_groups + group_ids[owned], minlength=self.num_clients * num_groups)
+        return cells.reshape(self.num_clients, num_groups)
+
+    def assigned(self) -> np.ndarray:
+        """Every index some client owns, client by client."""
+        return np.concatenate(self.client_indices) if self.num_clients else np.zeros(0, np.int64)
+
+    def skew(self, embeddings: np.ndarray | None = None):
+        """How far each client's data is from the federation's: see :func:`partitioners.skew.measure_skew`."""
+        from partitioners.skew import measure_skew
+
+        return measure_skew(self, embeddings)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the partition to an ``.npz`` file atomically (temp file + rename)."""
@@ -80,7 +90,7 @@ class Partition:
             "labels": self.labels,
             "num_classes": np.array(self.num_classes),
             "sizes": self.sizes,
-            "indices": np.concatenate(self.client_indices) if self.num_clients else np.zeros(0, np.int64),
+            "indices": self.assigned(),
         }
         for name, group in self.groups.items():
             arrays[f"group_{name}"] = group
@@ -180,8 +190,37 @@ def check_min_size(min_size: int, num_clients: int, num_samples: int) -> None:
         )
 
 
+def check_fraction(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    low = "0 <=" if allow_zero else "0 <"
+    in_range = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not in_range or not ((0 <= value if allow_zero else 0 < value) and value < 1):
+        raise ValueError(f"{name} must be a number with {low} {name} < 1, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_group_ids(name: str, values: np.ndarray | None, num_samples: int) -> np.ndarray:
+    """A per-sample group id array (such as ``domains``) of the labels' length, as int64."""
+    if values is None:
+        raise ValueError(f"this scheme needs {name}: pass split(y, {name}=...) with one id per sample")
+    values = np.asarray(values)
+    if values.shape != (num_samples,) or (values.size and not np.issubdtype(values.dtype, np.integer)):
+        raise ValueError(
+            f"{name} must be a 1-D integer array with one id per sample ({num_samples}), got {values.shape}"
+        )
+    if values.size and values.min() < 0:
+        raise ValueError(f"{name} must hold non-negative ids")
+    return values.astype(np.int64, copy=False)
+
+
 def indices_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
     """Group sample positions by their owning client (owner -1 = unassigned)."""
+    # numpy's stable sort is a radix sort for 16-bit integers: ~7x faster than on int64.
+    if num_clients <= np.iinfo(np.int16).max:
+        owner = owner.astype(np.int16)
     order = np.argsort(owner, kind="stable")
     counts = np.bincount(owner[owner >= 0], minlength=num_clients)
     start = int(np.count_nonzero(owner < 0))

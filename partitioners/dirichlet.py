@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from partitioners.allocation import cut_counts, deal, equal_sizes, fill_quotas
 from partitioners.base import (
     Partition,
     Partitioner,
@@ -11,7 +12,6 @@ from partitioners.base import (
     check_labels,
     check_min_size,
     check_positive,
-    indices_by_owner,
 )
 
 
@@ -23,6 +23,11 @@ class Dirichlet(Partitioner):
     whole draw is repeated until every client holds at least ``min_size`` samples; small
     alpha gives few classes per client, large alpha approaches IID.
 
+    With ``balance=True`` every client gets the same number of samples (up to one): the
+    draw above only sets each client's class mix, and clients then fill equal quotas from
+    their mixes without replacement (see :func:`partitioners.allocation.fill_quotas`),
+    so a client whose favourite class runs out takes its next favourites.
+
     Parameters
     ----------
     num_clients : int
@@ -32,9 +37,18 @@ class Dirichlet(Partitioner):
         Smallest number of samples any client may hold.
     max_draws : int
         How many whole draws to try before declaring ``min_size`` unreachable.
+    balance : bool
+        Equal client sizes instead of the sizes the draw happens to give.
     """
 
-    def __init__(self, num_clients: int, alpha: float = 0.5, min_size: int = 10, max_draws: int = 1000) -> None:
+    def __init__(
+        self,
+        num_clients: int,
+        alpha: float = 0.5,
+        min_size: int = 10,
+        max_draws: int = 1000,
+        balance: bool = False,
+    ) -> None:
         super().__init__(num_clients)
         check_positive("alpha", alpha)
         check_integer("min_size", min_size, minimum=0)
@@ -42,29 +56,25 @@ class Dirichlet(Partitioner):
         self.alpha = float(alpha)
         self.min_size = min_size
         self.max_draws = max_draws
+        self.balance = bool(balance)
 
     def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         check_min_size(self.min_size, self.num_clients, len(y))
         rng = np.random.default_rng(seed)
-        classes, class_sizes = np.unique(y, return_counts=True)
-        counts = self._draw_counts(rng, class_sizes)
-
-        owner = np.empty(len(y), dtype=np.int64)
-        clients = np.arange(self.num_clients)
-        for cls, class_counts in zip(classes, counts):
-            members = rng.permutation(np.flatnonzero(y == cls))
-            owner[members] = np.repeat(clients, class_counts)
-        return Partition(indices_by_owner(owner, self.num_clients), y)
+        class_sizes = np.bincount(y)
+        if self.balance:
+            mixes = rng.dirichlet(np.full(self.num_clients, self.alpha), size=len(class_sizes)) * class_sizes[:, None]
+            counts = fill_quotas(class_sizes, equal_sizes(len(y), self.num_clients), mixes.T, rng)
+        else:
+            counts = self._draw_counts(rng, class_sizes)
+        return Partition(deal(y, counts, rng), y)
 
     def _draw_counts(self, rng: np.random.Generator, class_sizes: np.ndarray) -> np.ndarray:
         """Classes x clients sample counts, redrawn until min_size holds."""
         concentration = np.full(self.num_clients, self.alpha)
         for _ in range(self.max_draws):
-            proportions = rng.dirichlet(concentration, size=len(class_sizes))
-            cuts = np.floor(np.cumsum(proportions, axis=1) * class_sizes[:, None]).astype(np.int64)
-            cuts[:, -1] = class_sizes
-            counts = np.diff(cuts, axis=1, prepend=0)
+            counts = cut_counts(rng.dirichlet(concentration, size=len(class_sizes)), class_sizes)
             if counts.sum(axis=0).min() >= self.min_size:
                 return counts
         raise ValueError(

@@ -10,6 +10,7 @@ import pytest
 
 from fedsim.cli import main
 from fedsim.config import load_experiment, parse_override
+from fedsim.errors import UserError
 
 from .conftest import QUICKSTART
 
@@ -193,3 +194,28 @@ def test_quickstart_is_valid_as_shipped():
     assert experiment.partition.params["num_clients"] == 10
     assert experiment.rounds == 20
     assert Path(QUICKSTART).read_text() == VALID
+
+
+def test_switching_a_component_drops_the_files_keys_it_does_not_take():
+    """quickstart.toml sets alpha and min_size for dirichlet; shards takes neither."""
+    experiment = load_experiment(QUICKSTART, ["partition.name=shards"])
+    assert experiment.partition.params == {"num_clients": 10, "shards_per_client": 2}
+    # ... but a key given on the command line is still checked against the new component
+    with pytest.raises(UserError, match=r"\[partition\] unknown key 'alpha'"):
+        load_experiment(QUICKSTART, ["partition.name=shards", "partition.alpha=0.3"])
+    # and without a switch, the file's keys are checked as always
+    with pytest.raises(UserError, match="did you mean 'alpha'"):
+        load_experiment(QUICKSTART, ["partition.alhpa=0.3"])
+
+
+def test_skew_json_is_written_with_the_run(tmp_path):
+    import json
+
+    from fedsim.run import run_experiment
+
+    from .conftest import tiny_experiment
+
+    run_experiment(tiny_experiment("rounds=1"), tmp_path / "run")
+    skew = json.loads((tmp_path / "run/skew.json").read_text())
+    assert skew["summary"]["num_clients"] == 4
+    assert len(skew["clients"]["hellinger"]) == 4

@@ -225,8 +225,14 @@ def test_fedwon_refuses_models_it_cannot_make_norm_free():
 
 def test_fedwon_trains_at_batch_size_one(tmp_path):
     experiment = tiny_experiment(
-        "strategy.name=fedwon", "model.name=resnet", "model.width=8", "client.batch_size=1", "client.lr=0.02",
-        "partition.num_clients=2", "dataset.test_fraction=0.9", "rounds=3",
+        "strategy.name=fedwon",
+        "model.name=resnet",
+        "model.width=8",
+        "client.batch_size=1",
+        "client.lr=0.02",
+        "partition.num_clients=2",
+        "dataset.test_fraction=0.9",
+        "rounds=3",
     )
     summary = run_experiment(experiment, tmp_path / "run").summary
     metrics = pd.read_csv(tmp_path / "run/metrics.csv", dtype={"id": str})

@@ -25,7 +25,7 @@ def execute(args: argparse.Namespace) -> int:
     for name, info in DATASETS.items():
         shape = "x".join(map(str, info.shape))
         domains = f", domains: {', '.join(info.domains)}" if info.domains else ""
-        where = "offline" if info.offline else "needs local files (root = ...)"
+        where = "offline" if info.offline else f"needs local files: {_how_to_get(name)}"
         datasets[name] = f"{info.description} [{len(info.classes)} classes, {shape}{domains}; {where}]"
     section("datasets", datasets)
     section("partitioners", {name: describe(cls) for name, cls in PARTITIONERS.items()})
@@ -35,6 +35,15 @@ def execute(args: argparse.Namespace) -> int:
     section("strategies", strategies)
     section("engines", {name: describe(cls) for name, cls in ENGINES.items()})
     return 0
+
+
+def _how_to_get(name: str) -> str:
+    from fedsim.data.sources import SOURCES
+
+    source = SOURCES.get(name)
+    if source is not None and source.resources:
+        return f"fedsim data download {name}"
+    return f"see fedsim data info {name}"
 
 
 def register(commands: argparse._SubParsersAction) -> None:

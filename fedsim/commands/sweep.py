@@ -109,7 +109,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="process: worker processes on this machine (the default; starts fastest); "
         "ray: Ray tasks, on a local Ray or a cluster (the default with --address)",
     )
-    parser.add_argument("--address", help="the Ray cluster to join (implies --backend ray), e.g. auto or ray://head:10001")
+    parser.add_argument(
+        "--address", help="the Ray cluster to join (implies --backend ray), e.g. auto or ray://head:10001"
+    )
     parser.add_argument("--overwrite", action="store_true", help="run every run again from scratch, finished or not")
     parser.add_argument(
         "--dry-run",

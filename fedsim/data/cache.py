@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +42,13 @@ def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     except OSError:
         pass  # a read-only cache folder only costs speed
     return arrays
+
+
+def fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+    """(path, size, modification time) of each file, for cache keys of parsed files: a
+    replaced or re-downloaded file gets a new key, so its stale cache is never used."""
+    result = []
+    for path in paths:
+        stat = Path(path).stat()
+        result.append((str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+    return result

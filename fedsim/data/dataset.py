@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,11 +57,14 @@ def stratified_split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, domain: np.ndarray | None = None
 ) -> tuple[np.ndarray, ...]:
     """Stratified train/test split of (x, y[, domain]); falls back to a plain random split
-    when a class is too rare to stratify."""
+    when a class (or class-domain pair) is too rare to stratify, or a side would be too
+    small to hold every stratum."""
     arrays = [x, y] if domain is None else [x, y, domain]
     strata = y if domain is None else y * (int(domain.max()) + 1) + domain
     _, counts = np.unique(strata, return_counts=True)
-    stratify = strata if counts.min() >= 2 else None
+    n_test = math.ceil(test_fraction * len(y))  # how scikit-learn rounds a fractional test_size
+    roomy = min(n_test, len(y) - n_test) >= len(counts)
+    stratify = strata if counts.min() >= 2 and roomy else None
     return tuple(train_test_split(*arrays, test_size=test_fraction, random_state=seed, stratify=stratify))
 
 

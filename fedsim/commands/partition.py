@@ -1,0 +1,122 @@
+"""``fedsim partition``: compute an experiment's partition and measure its skew, without training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedsim.commands.run import QUICKSTART, add_override_arguments, default_config
+from fedsim.errors import UserError
+
+MAX_CLIENT_ROWS = 30  # beyond this the table shows the spread across clients instead
+
+EPILOG_PARTITION = """\
+examples:
+  fedsim partition                                   # experiments/quickstart.toml
+  fedsim partition experiments/quickstart.toml --set partition.alpha=0.1
+  fedsim partition experiments/quickstart.toml --set partition.name=embedding --out /tmp/emb
+
+Without --out the files go to runs/<name>-<hash of the resolved experiment>-partition:
+  partition.npz                 the clients' index arrays (partitioners.Partition.load)
+  skew.json                     per-client and summary skew measures
+  plots/partition_labels.png    clients x classes heatmap
+  plots/partition_clusters.png  clients x clusters, for embedding splits
+  plots/partition_domains.png   clients x domains, for datasets with domains
+The partition is the one `fedsim run` trains on for the same experiment and seed.
+"""
+
+
+def default_out(experiment) -> Path:
+    """``runs/<name>-<fingerprint>-partition``, beside the run folder of the same experiment."""
+    from fedsim.run import default_out as run_folder
+
+    folder = run_folder(experiment)
+    return folder.with_name(f"{folder.name}-partition")
+
+
+def execute(args: argparse.Namespace) -> int:
+    from fedsim import atomic
+    from fedsim.config import load_experiment
+    from fedsim.data import load_dataset
+    from fedsim.plots import plot_heatmap
+    from fedsim.splitting import dataset_embeddings, split_dataset
+
+    experiment = load_experiment(args.config or default_config(), args.set)
+    out = Path(args.out) if args.out else default_out(experiment)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
+    partition = split_dataset(experiment, dataset)
+
+    embeddings = None
+    if "cluster" in partition.groups or dataset.domain_train is not None:
+        # the embedding split's own embeddings (cached), else pixels for the feature skew of domains
+        from fedsim.components import make_partitioner
+
+        partitioner = make_partitioner(experiment)
+        embedder = getattr(partitioner, "embedder", "pixels")
+        embeddings = dataset_embeddings(experiment, dataset, embedder, getattr(partitioner, "embedder_options", None))
+    report = partition.skew(embeddings)
+
+    partition.save(out / "partition.npz")
+    atomic.write_text(out / "skew.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    name = experiment.partition.name
+    plot_heatmap(
+        partition.label_matrix(),
+        out / "plots" / "partition_labels.png",
+        f"{name}: samples per client and class (mean Hellinger {report.summary['mean_hellinger']:.3f})",
+        "class",
+        dataset.classes,
+    )
+    if "cluster" in partition.groups:
+        clusters = partition.groups["cluster"]
+        plot_heatmap(
+            partition.group_matrix(clusters, int(clusters.max()) + 1),
+            out / "plots" / "partition_clusters.png",
+            f"{name}: samples per client and embedding cluster",
+            "cluster",
+            [str(c) for c in range(int(clusters.max()) + 1)],
+        )
+    if dataset.domain_train is not None:
+        num_domains = int(dataset.domain_train.max()) + 1
+        names = dataset.domains if len(dataset.domains) == num_domains else [str(d) for d in range(num_domains)]
+        plot_heatmap(
+            partition.group_matrix(dataset.domain_train, num_domains),
+            out / "plots" / "partition_domains.png",
+            f"{name}: samples per client and domain",
+            "domain",
+            names,
+        )
+    print_report(experiment.name, report)
+    print(f"-> {out}")
+    return 0
+
+
+def print_report(title: str, report) -> None:
+    table = report.clients.set_index("client")
+    if len(table) > MAX_CLIENT_ROWS:
+        table = table.describe().loc[["mean", "std", "min", "50%", "max"]]
+    print(f"{title}: skew per client")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    s = report.summary
+    print(
+        f"mean Hellinger {s['mean_hellinger']:.3f}  mean Jensen-Shannon {s['mean_jensen_shannon']:.3f}  "
+        f"mean EMD {s['mean_emd']:.3f}  mean effective classes {s['mean_effective_classes']:.2f}  "
+        f"Gini of sizes {s['gini_sizes']:.3f}  dealt {s['samples_dealt']} ({s['coverage']:.0%})"
+    )
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "partition",
+        help="compute an experiment's partition and its skew, without training",
+        description="Split the experiment's dataset into its clients, measure how skewed the split is, "
+        "and draw it, without training anything.",
+        epilog=EPILOG_PARTITION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help=f"experiment file (default: {QUICKSTART})")
+    add_override_arguments(parser)
+    parser.add_argument("--out", help="output folder (default: runs/<name>-<hash>-partition)")
+    parser.set_defaults(handler=execute)
