@@ -185,6 +185,11 @@ def test_domain_schemes_keep_domains_apart():
     assert ((domain_matrix > 0).sum(axis=1) == 1).all()
     assert (np.argmax(domain_matrix, axis=1) == np.arange(8) // 2).all()
     assert per_client.groups["domain"].tolist() == domains.tolist()
+    tenth = DomainPerClient(8, fraction=0.1).split(y, domains=domains, seed=0)
+    assert (tenth.group_matrix(domains).sum(axis=0) == np.floor(np.bincount(domains) * 0.1)).all()
+    assert set(np.concatenate(tenth.client_indices)) <= set(np.concatenate(per_client.client_indices))
+    with pytest.raises(ValueError, match="fraction"):
+        DomainPerClient(8, fraction=0)
 
     lds = LabelDomainSkew(4, beta=0.5, min_size=1).split(y, domains=domains, seed=0)
     kept = lds.group_matrix(domains * 5 + y, 20).reshape(4, 4, 5)  # clients x domains x classes
@@ -226,3 +231,13 @@ def test_partition_save_and_load_keep_groups(tmp_path):
     assert loaded == partition
     assert np.array_equal(loaded.groups["domain"], domains)
     assert np.array_equal(loaded.label_matrix(), partition.label_matrix())
+
+
+def test_large_alpha_gives_near_iid_clients():
+    y = np.repeat(np.arange(10), 500)
+    near_iid = Dirichlet(10, alpha=1e4, min_size=10).split(y, seed=0)
+    assert near_iid.skew().summary["mean_hellinger"] < 0.05
+    shares = near_iid.label_matrix() / near_iid.sizes[:, None]
+    assert np.abs(shares - 0.1).max() < 0.05
+    skewed = Dirichlet(10, alpha=0.1, min_size=10).split(y, seed=0)
+    assert skewed.skew().summary["mean_hellinger"] > 0.5
