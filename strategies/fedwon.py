@@ -53,14 +53,15 @@ class FedWon(FedAvg):
     """FedWon (Zhuang & Lyu, ICLR 2024): norm-free WSConv model, AGC, FedAvg aggregation.
 
     ``clip_lambda`` is AGC's threshold. The paper's value is not verified; NFNets advise
-    0.01 at very large batches and larger values for small ones. The default, 0.64, was
-    chosen by a sweep on digits-domains at batch size 32 (see the README).
+    0.01 at very large batches and larger values for small ones. The default, 0.32, was the
+    best of {0.32, 1.28} on digits-domains (cross-silo, seed 0, 20 rounds, batch 32, lr 0.1:
+    0.922 against 0.913 mean client accuracy); 0.01 and 0.08 trained far slower (at lr 0.01).
     """
 
     client_trainer = FedWonTrainer
     model_options = {"norm": "none"}  # every model this strategy trains is norm-free
 
-    def __init__(self, *, clip_lambda: float = 0.64, **kwargs) -> None:
+    def __init__(self, *, clip_lambda: float = 0.32, **kwargs) -> None:
         super().__init__(**kwargs)
         if not clip_lambda > 0:
             raise ValueError(f"clip_lambda must be > 0, got {clip_lambda!r}")
