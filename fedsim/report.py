@@ -213,7 +213,8 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
 
 def to_markdown(shown: pd.DataFrame, keys: list[str]) -> str:
     """A GitHub table: keys left-aligned, numbers right-aligned."""
-    cells = shown.astype(str).map(lambda text: text.replace("|", r"\|"))
+    # A key some runs lack (an option of one scheme only) is missing (NaN) in the others.
+    cells = shown.astype(object).map(lambda value: "–" if pd.isna(value) else str(value).replace("|", r"\|"))
     align = ["---" if column in keys else "---:" for column in shown.columns]
     lines = [
         "| " + " | ".join(map(str, shown.columns)) + " |",

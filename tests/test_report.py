@@ -16,9 +16,9 @@ from fedsim.report import find_runs, group_keys, read_runs
 from fedsim.results import MetricRow, RunDirectory
 
 
-def make_run(path, *, strategy="fedavg", alpha=0.5, seed=0, curve=(0.1, 0.5, 0.7), extra=None, finished=True):
+def make_run(path, *, strategy="fedavg", alpha=0.5, seed=0, curve=(0.1, 0.5, 0.7), extra=None, finished=True, mu=0.1):
     """A run directory as fedsim writes it: config.toml, metrics.csv, summary.json."""
-    table = {"name": "fedprox", "proximal_mu": 0.1} if strategy == "fedprox" else {"name": strategy}
+    table = {"name": "fedprox", "proximal_mu": mu} if strategy == "fedprox" else {"name": strategy}
     experiment = validate(
         {
             "name": "synthetic",
@@ -215,3 +215,17 @@ def test_summary_json_is_read_as_written(tmp_path, capsys):
     assert np.isnan(table.loc[0, "accuracy_std"])  # one run: no spread
     assert main(["report", str(tmp_path)]) == 0
     assert "| synthetic | 1 | 0.123 |" in capsys.readouterr().out
+
+
+def test_a_key_only_some_groups_have_shows_as_a_dash(tmp_path, capsys):
+    """fedprox's proximal_mu tells two fedprox groups apart; fedavg has no such key."""
+    make_run(tmp_path / "a", strategy="fedavg")
+    make_run(tmp_path / "b", strategy="fedprox", mu=0.01)
+    make_run(tmp_path / "c", strategy="fedprox", mu=1.0)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| fed")]
+    assert len(rows) == 3
+    assert rows[0].startswith("| fedavg | – |")
+    assert "| fedprox | 0.01 |" in table and "| fedprox | 1.0 |" in table
