@@ -105,6 +105,7 @@ class Experiment(_Table):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
     rounds: int = Field(ge=1)
+    evaluate_every: int = Field(1, ge=1)  # rounds between evaluations; the last round always
     description: str = ""
     dataset: DatasetTable = DatasetTable()
     partition: PartitionTable = PartitionTable()
@@ -126,6 +127,7 @@ class Experiment(_Table):
 
 
 TABLES = {name: field.annotation for name, field in Experiment.model_fields.items()}
+TABLE_NAMES = [name for name, kind in TABLES.items() if isinstance(kind, type) and issubclass(kind, BaseModel)]
 
 
 def _drop_none(value: Any) -> Any:
@@ -155,9 +157,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise UserError(f"--set {text!r}: keys are at most two levels deep (section.key)")
         if len(path) == 2:
             section = path[0]
-            if section not in TABLES or section in ("name", "seed", "rounds", "description"):
-                tables = [t for t, a in TABLES.items() if isinstance(a, type) and issubclass(a, BaseModel)]
-                raise UserError(f"--set {text!r}: unknown table [{section}]{did_you_mean(section, tables)}")
+            if section not in TABLE_NAMES:
+                raise UserError(f"--set {text!r}: unknown table [{section}]{did_you_mean(section, TABLE_NAMES)}")
             table = data.setdefault(section, {})
             if not isinstance(table, dict):
                 raise UserError(f"--set {text!r}: [{section}] is not a table")
@@ -177,8 +178,7 @@ def validate(
         if key not in TABLES:
             hint = did_you_mean(key, TABLES) or f" (valid keys and tables: {', '.join(TABLES)})"
             raise UserError(f"{source}: unknown key {key!r}{hint}")
-        annotation = TABLES[key]
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not isinstance(value, dict):
+        if key in TABLE_NAMES and not isinstance(value, dict):
             raise UserError(f"{source}: {key!r} must be a table [{key}], got {value!r}")
     for table_name in ("client",):
         for key in data.get(table_name, {}):

@@ -201,11 +201,27 @@ class Federation:
             arrays = new_arrays
         rows += self._rows(server_round, "federated", "train", train_metrics or {})
 
+        if self.evaluates_after(server_round):
+            rows += self.evaluate(server_round, strategy, arrays, grid)
+        self.run.append_metrics(rows)
+        self.run.save_checkpoint(Checkpoint(server_round, arrays, strategy, self.run.metrics_size(), self.elapsed()))
+        self.on_round(server_round, self.final)
+        return arrays
+
+    def evaluates_after(self, server_round: int) -> bool:
+        """Every ``evaluate_every`` rounds, and always after the last."""
+        return server_round % self.experiment.evaluate_every == 0 or server_round == self.experiment.rounds
+
+    def evaluate(
+        self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid
+    ) -> list[MetricRow]:
+        """Client-side evaluation on the clients' held-out data, then the global model's on
+        the test split (unless the strategy is personalised)."""
         replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=REPLY_TIMEOUT_S
         )
         _raise_on_errors(replies, grid.clients, f"round {server_round} (evaluate)")
-        rows += self._client_rows(server_round, replies, grid)
+        rows = self._client_rows(server_round, replies, grid)
         for reply in replies:
             client = str(grid.clients[reply.metadata.src_node_id])
             self.client_accuracy[client] = float(reply.content[METRICS_KEY].get("accuracy", np.nan))
@@ -219,10 +235,7 @@ class Federation:
         else:
             self.final = self.evaluate_global(arrays)
             rows += self._rows(server_round, "server", "global", self.final)
-        self.run.append_metrics(rows)
-        self.run.save_checkpoint(Checkpoint(server_round, arrays, strategy, self.run.metrics_size(), self.elapsed()))
-        self.on_round(server_round, self.final)
-        return arrays
+        return rows
 
     # -- metrics --------------------------------------------------------------------
     @staticmethod
@@ -256,7 +269,8 @@ class Federation:
     def _restore_from_metrics(self) -> None:
         """Rebuild the running figures of a resumed run from its metrics.csv."""
         frame = self.run.read_metrics()
-        last = frame[frame["round"] == frame["round"].max()]
+        evaluated = frame[frame.scope.isin(["server", "domain"]) | (frame.id == "evaluate")]
+        last = evaluated[evaluated["round"] == evaluated["round"].max()] if len(evaluated) else evaluated
         if self.evaluated_on == "client-holdout":
             headline = last[(last.scope == "federated") & (last.id == "evaluate")]
         else:

@@ -173,3 +173,16 @@ def test_client_errors_become_one_line():
     )
     with pytest.raises(ClientFailure, match=r"^client 3 failed in round 1 \(train\): CUDA out of memory$"):
         _raise_on_errors([_error_reply(other)], {7: 3}, "round 1 (train)")
+
+
+def test_evaluate_every_skips_evaluation_but_not_the_last_round(tmp_path):
+    experiment = tiny_experiment("rounds=5", "evaluate_every=2")
+    summary = run_experiment(experiment, tmp_path / "run").summary
+    metrics = pd.read_csv(tmp_path / "run/metrics.csv", dtype={"id": str})
+    server = metrics[(metrics.scope == "server") & (metrics.metric == "accuracy")]
+    assert server["round"].tolist() == [0, 2, 4, 5]
+    held_out = metrics[(metrics.scope == "client") & (metrics.metric == "accuracy")]
+    assert sorted(held_out["round"].unique()) == [2, 4, 5]
+    trained = metrics[(metrics.scope == "client") & (metrics.metric == "train_loss")]
+    assert sorted(trained["round"].unique()) == [1, 2, 3, 4, 5]
+    assert summary["accuracy"] == pytest.approx(server.value.iloc[-1])
