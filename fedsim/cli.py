@@ -48,12 +48,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ClientFailure as error:
-        print(f"error: {error} (run again with --verbose for the client's traceback)", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            print(error.details, file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            hint = " (run again with --verbose for the client's traceback)" if hasattr(args, "verbose") else ""
+            print(f"error: {error}{hint}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`fedsim list | head`): stop quietly, as a Unix tool does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last finished round", file=sys.stderr)
+        resumable = args.command in ("run", "sweep")
+        hint = ": run the same command again to resume from the last finished round" if resumable else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130

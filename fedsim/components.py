@@ -59,14 +59,14 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return strategy_cls
 
 
-def trainer_for(strategy_cls: type[Strategy]) -> ClientTrainer:
+def trainer_class(strategy_cls: type[Strategy]) -> type[ClientTrainer]:
     """The strategy's ``client_trainer`` (a ClientTrainer subclass), else FedAvg's client."""
     trainer_cls = getattr(strategy_cls, "client_trainer", ClientTrainer)
     if not (inspect.isclass(trainer_cls) and issubclass(trainer_cls, ClientTrainer)):
         raise UserError(
             f"[strategy] {strategy_cls.__name__}.client_trainer must be a subclass of fedsim.trainer.ClientTrainer"
         )
-    return trainer_cls()
+    return trainer_cls
 
 
 def _strategy_defaults(experiment: Experiment, num_clients: int) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         partitioner_cls = lookup(PARTITIONERS, experiment.partition.name, "partition")
         strategy_cls = resolve_strategy(experiment.strategy.name)
         engine_cls = lookup(ENGINES, experiment.engine.name, "engine")
-        trainer_for(strategy_cls)
+        trainer_class(strategy_cls)
         strategy_fixed = _strategy_defaults(experiment, num_clients=1)
         strategy_fixed["min_available_nodes"] = None  # known only once the partition exists
         tables = {
@@ -156,6 +156,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
                     data[table][key] = value
         resolved = Experiment.model_validate(data)
         make_partitioner(resolved)
+        make_strategy(resolved, num_clients=1)  # the strategy's own range checks
         make_engine(resolved)
     except UserError as error:
         raise UserError(f"{source}: {error}") from None
@@ -195,3 +196,33 @@ def _defaults(component: Any) -> dict[str, Any]:
         for name, p in accepted_parameters(component).items()
         if p.default is not inspect.Parameter.empty and representable(p.default)
     }
+
+
+def check_model(experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Build the model and push a small batch through it, before a run writes anything:
+    a model that does not fit the data, or that the strategy cannot train, is a
+    one-line error. A strategy may check the model with a ``validate_model(model)``
+    class method that raises ValueError."""
+    import torch
+
+    from fedsim.models import build_model
+
+    model = build_model(experiment.model.name, input_shape, num_classes, **experiment.model.params)
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *input_shape))
+    except RuntimeError as error:
+        shape = "x".join(map(str, input_shape))
+        message = str(error).strip().splitlines()[0]
+        raise UserError(f"[model] {experiment.model.name!r} does not fit inputs of shape {shape}: {message}") from None
+    if tuple(logits.shape) != (2, num_classes):
+        raise UserError(
+            f"[model] {experiment.model.name!r} gives outputs of shape {tuple(logits.shape)[1:]}, not ({num_classes},)"
+        )
+    validate_model = getattr(resolve_strategy(experiment.strategy.name), "validate_model", None)
+    if validate_model is not None:
+        try:
+            validate_model(model)
+        except ValueError as error:
+            raise UserError(f"[strategy] {experiment.strategy.name}: {error}") from None

@@ -180,11 +180,9 @@ def validate(
             raise UserError(f"{source}: unknown key {key!r}{hint}")
         if key in TABLE_NAMES and not isinstance(value, dict):
             raise UserError(f"{source}: {key!r} must be a table [{key}], got {value!r}")
-    for table_name in ("client",):
-        for key in data.get(table_name, {}):
-            allowed = ClientTable.model_fields
-            if key not in allowed:
-                raise UserError(f"{source}: [{table_name}] unknown key {key!r}{did_you_mean(key, allowed)}")
+    for key in data.get("client", {}):  # pydantic would refuse it too, but without a suggestion
+        if key not in ClientTable.model_fields:
+            raise UserError(f"{source}: [client] unknown key {key!r}{did_you_mean(key, ClientTable.model_fields)}")
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as error:

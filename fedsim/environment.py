@@ -8,6 +8,7 @@ loaded lazily, once per process, and cached.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,17 @@ class RunEnvironment:
         return _load_partition(self.run_dir / "partition.npz")
 
     def client_data(self, client: int) -> ClientData:
-        key = (str(self.run_dir), self.experiment.fingerprint(), client)
-        if key not in _VIEWS:
+        run_key = (str(self.run_dir), self.experiment.fingerprint())
+        views = _VIEWS.get(run_key)
+        if views is None:  # a process keeps only the current run's views
+            _VIEWS.clear()
+            views = _VIEWS[run_key] = {}
+        if client not in views:
             seed = derive_seed(self.experiment.seed, "local-split", client)
-            _VIEWS[key] = client_view(
+            views[client] = client_view(
                 self.dataset(), self.partition()[client], self.experiment.client.local_test_fraction, seed
             )
-        return _VIEWS[key]
+        return views[client]
 
     def new_model(self) -> torch.nn.Module:
         dataset = self.dataset()
@@ -68,12 +73,21 @@ class RunEnvironment:
         )
 
     def trainer(self) -> ClientTrainer:
-        from fedsim.components import resolve_strategy, trainer_for
-
-        return trainer_for(resolve_strategy(self.experiment.strategy.name))
+        return _trainer_class(self.experiment.strategy.name)()
 
 
-_VIEWS: dict[tuple[str, str, int], ClientData] = {}
+_VIEWS: dict[tuple[str, str], dict[int, ClientData]] = {}
+
+
+@functools.cache
+def _trainer_class(strategy_name: str) -> type[ClientTrainer]:
+    """Resolved once per process: a plugin name would otherwise scan the entry points for
+    every message."""
+    from fedsim.components import resolve_strategy, trainer_class
+
+    return trainer_class(resolve_strategy(strategy_name))
+
+
 _PARTITIONS: dict[tuple[str, float], Partition] = {}
 
 

@@ -9,4 +9,11 @@ class UserError(Exception):
 
 
 class ClientFailure(RuntimeError):
-    """A simulated client raised an exception: one line, exit code 1."""
+    """A simulated client raised an exception: one line, exit code 1.
+
+    ``details`` keeps what the engine reported in full (the client's traceback).
+    """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details

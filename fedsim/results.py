@@ -30,14 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+from flwr.app import ArrayRecord
 
 from fedsim import atomic
 from fedsim.config import Experiment
 from fedsim.errors import UserError
 
 METRIC_COLUMNS = ["round", "scope", "id", "metric", "value"]
+
+# Where a run's headline accuracy comes from (summary.json's accuracy_evaluated_on):
+GLOBAL_TEST = "global-test"  # the global model on the dataset's test split
+CLIENT_HOLDOUT = "client-holdout"  # each client's own model on its held-out data (FedBN)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Checkpoint:
     """The server's state after ``round``: enough to continue as if never stopped."""
 
     round: int
-    arrays: dict[str, np.ndarray]
+    arrays: ArrayRecord
     strategy: Any
     metrics_bytes: int
     elapsed_s: float

@@ -19,7 +19,7 @@ import torch
 import fedsim
 from fedsim import atomic
 from fedsim.clientapp import make_client_app
-from fedsim.components import make_engine
+from fedsim.components import check_model, make_engine
 from fedsim.config import Experiment
 from fedsim.data import load_dataset
 from fedsim.environment import RunEnvironment
@@ -74,7 +74,8 @@ def run_experiment(
         checkpoint = run.load_checkpoint()
         partition = Partition.load(run.partition)
     else:
-        partition = split_dataset(experiment, dataset)  # fails before anything is written
+        check_model(experiment, dataset.input_shape, dataset.num_classes)  # fails before anything is written
+        partition = split_dataset(experiment, dataset)
         run.start(experiment)
         partition.save(run.partition)
         atomic.write_text(run.skew, json.dumps(partition.skew().to_dict(), indent=2) + "\n")
@@ -90,18 +91,22 @@ def run_experiment(
     client_app = make_client_app(env)
 
     with round_progress(experiment, enabled=progress, done=checkpoint.round if checkpoint else 0) as on_round:
-        federation = Federation(env, run, partition.num_clients, checkpoint, on_round)
+        federation = Federation(env, run, partition.num_clients, checkpoint, on_round, started)
         engine.execute(federation, client_app, partition.num_clients)
 
-    previous = checkpoint.elapsed_s if checkpoint else 0.0
-    summary = make_summary(experiment, federation, partition, previous + time.monotonic() - started)
+    summary = make_summary(experiment, federation, partition, federation.elapsed())
     plot_training(run.read_metrics(), run.plots / "accuracy.png", f"{experiment.name}: {experiment.strategy.name}")
     run.write_summary(summary)
     return RunResult(run.path, summary, status)
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:
-    client_accuracy = [v for v in federation.client_accuracy.values() if not math.isnan(v)]
+    # in client order, so that a resumed run sums exactly as an uninterrupted one
+    client_accuracy = [
+        federation.client_accuracy[client]
+        for client in sorted(federation.client_accuracy)
+        if not math.isnan(federation.client_accuracy[client])
+    ]
     summary = {
         "name": experiment.name,
         "fingerprint": experiment.fingerprint(),

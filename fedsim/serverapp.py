@@ -26,9 +26,9 @@ from fedsim.components import make_strategy
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
 from fedsim.errors import ClientFailure, UserError
-from fedsim.results import Checkpoint, MetricRow, RunDirectory
+from fedsim.results import CLIENT_HOLDOUT, GLOBAL_TEST, Checkpoint, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
-from fedsim.trainer import RoundConfig
+from fedsim.trainer import SERVER_ROUND, RoundConfig
 from fedsim.training import classification_metrics, predict
 
 REPLY_TIMEOUT_S = 24 * 3600.0  # a simulated client never drops out; waiting is correct
@@ -61,12 +61,13 @@ def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: 
         if not reply.has_error():
             continue
         reason = reply.error.reason
+        # Ray wraps the reason as <class ...>:<'...'>; drop the wrapper's closing "'>".
         if USER_ERROR in reason:
-            raise UserError(reason.split(USER_ERROR)[-1].splitlines()[0].rstrip("'>"))
+            raise UserError(reason.split(USER_ERROR)[-1].splitlines()[0].removesuffix("'>"))
         last_line = [line for line in reason.strip().splitlines() if line.strip()][-1]
-        message = last_line.split("Message: ", 1)[-1].rstrip("'>")
+        message = last_line.split("Message: ", 1)[-1].removesuffix("'>")
         node = reply.metadata.src_node_id
-        raise ClientFailure(f"client {clients.get(node, node)} failed in {when}: {message}")
+        raise ClientFailure(f"client {clients.get(node, node)} failed in {when}: {message}", details=reason)
 
 
 USER_ERROR = f"{UserError.__module__}.{UserError.__name__}: "
@@ -112,9 +113,11 @@ class OrderedGrid(Grid):
         return sorted(replies, key=lambda reply: self.clients[reply.metadata.src_node_id])
 
 
-def train_config(experiment: Experiment) -> ConfigRecord:
-    """The experiment's ``[client]`` table as the ConfigRecord sent with every train message."""
-    return RoundConfig(**experiment.client.model_dump(exclude={"local_test_fraction"})).to_config()
+def train_config(experiment: Experiment, server_round: int) -> ConfigRecord:
+    """The experiment's ``[client]`` table and the round, as the ConfigRecord sent with every
+    train message (Flower's FedAvg family stamps ``server-round`` too; other strategies may not)."""
+    settings = experiment.client.model_dump(exclude={"local_test_fraction"})
+    return RoundConfig(server_round=server_round, **settings).to_config()
 
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -134,6 +137,7 @@ class Federation:
         num_clients: int,
         resume: Checkpoint | None = None,
         on_round: RoundCallback | None = None,
+        started: float | None = None,
     ) -> None:
         self.env = env
         self.experiment = env.experiment
@@ -143,10 +147,10 @@ class Federation:
         self.resume = resume
         self.on_round = on_round or (lambda _round, _metrics: None)
         self.final: dict[str, float] = {}
-        self.client_accuracy: dict[str, float] = {}
+        self.client_accuracy: dict[int, float] = {}  # each client's latest held-out accuracy
         self.accuracy_by_domain: dict[str, float] = {}
-        self.evaluated_on = "global-test"  # where `final` comes from; see is_personalized
-        self._started = time.monotonic()
+        self.evaluated_on = GLOBAL_TEST  # where `final` comes from; see is_personalized
+        self._started = time.monotonic() if started is None else started  # when the command began
 
     # -- building blocks ------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -165,6 +169,7 @@ class Federation:
         return classification_metrics(predict(model, self.dataset.x_test, device), self.dataset.y_test)
 
     def elapsed(self) -> float:
+        """Wall time of the whole run, over every command that worked on it."""
         offset = self.resume.elapsed_s if self.resume else 0.0
         return offset + time.monotonic() - self._started
 
@@ -175,10 +180,10 @@ class Federation:
             strategy, arrays, first = self.resume.strategy, self.resume.arrays, self.resume.round + 1
         else:
             strategy, arrays, first = make_strategy(self.experiment, self.num_clients), self.initial_arrays(), 1
-        self.evaluated_on = "client-holdout" if is_personalized(strategy) else "global-test"
+        self.evaluated_on = CLIENT_HOLDOUT if is_personalized(strategy) else GLOBAL_TEST
         if self.resume is not None:
             self._restore_from_metrics()
-        elif self.evaluated_on == "global-test":
+        elif self.evaluated_on == GLOBAL_TEST:
             self.final = self.evaluate_global(arrays)
             self.run.append_metrics(self._rows(0, "server", "global", self.final))
         for server_round in range(first, self.experiment.rounds + 1):
@@ -191,7 +196,7 @@ class Federation:
         random.seed(derive_seed(self.experiment.seed, "sample", server_round))
 
         replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config(self.experiment), grid),
+            strategy.configure_train(server_round, arrays, train_config(self.experiment, server_round), grid),
             timeout=REPLY_TIMEOUT_S,
         )
         _raise_on_errors(replies, grid.clients, f"round {server_round} (train)")
@@ -218,18 +223,19 @@ class Federation:
         """Client-side evaluation on the clients' held-out data, then the global model's on
         the test split (unless the strategy is personalised)."""
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=REPLY_TIMEOUT_S
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord({SERVER_ROUND: server_round}), grid),
+            timeout=REPLY_TIMEOUT_S,
         )
         _raise_on_errors(replies, grid.clients, f"round {server_round} (evaluate)")
         rows = self._client_rows(server_round, replies, grid)
         for reply in replies:
-            client = str(grid.clients[reply.metadata.src_node_id])
+            client = grid.clients[reply.metadata.src_node_id]
             self.client_accuracy[client] = float(reply.content[METRICS_KEY].get("accuracy", np.nan))
         rows += self._domain_rows(server_round, replies)
         on_clients = strategy.aggregate_evaluate(server_round, replies) or {}
         rows += self._rows(server_round, "federated", "evaluate", on_clients)
 
-        if self.evaluated_on == "client-holdout":
+        if self.evaluated_on == CLIENT_HOLDOUT:
             # Each client's own model on its own held-out data is the result to report.
             self.final = {key: float(on_clients[key]) for key in ("accuracy", "loss") if key in on_clients}
         else:
@@ -271,13 +277,13 @@ class Federation:
         frame = self.run.read_metrics()
         evaluated = frame[frame.scope.isin(["server", "domain"]) | (frame.id == "evaluate")]
         last = evaluated[evaluated["round"] == evaluated["round"].max()] if len(evaluated) else evaluated
-        if self.evaluated_on == "client-holdout":
+        if self.evaluated_on == CLIENT_HOLDOUT:
             headline = last[(last.scope == "federated") & (last.id == "evaluate")]
         else:
             headline = last[last.scope == "server"]
         self.final = {key: value for key, value in zip(headline.metric, headline.value) if key in ("accuracy", "loss")}
-        clients = frame[(frame.scope == "client") & (frame.metric == "accuracy")]
-        self.client_accuracy = clients.groupby("id").value.last().to_dict()
+        clients = frame[(frame.scope == "client") & (frame.metric == "accuracy")].groupby("id").tail(1)
+        self.client_accuracy = {int(client): value for client, value in zip(clients.id, clients.value)}
         domains = last[(last.scope == "domain") & (last.metric == "accuracy")]
         self.accuracy_by_domain = dict(zip(domains.id, domains.value))
 

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class RunTask:
     path: str
     experiment: Experiment
     overwrite: bool
-    threads: int = 1  # torch threads; the backend sets it from the cores per worker
 
 
 @dataclass(frozen=True)
@@ -434,13 +433,10 @@ def run_sweep(
 def execute_run(task: RunTask) -> RunOutcome:
     """Run one run in a worker; any error becomes a failed outcome, with its traceback in
     the run directory's error.txt."""
-    import torch
-
     from fedsim.run import quiet_flower, run_experiment
 
     started = time.monotonic()
     quiet_flower()
-    torch.set_num_threads(task.threads)
     (Path(task.path) / ERROR_FILE).unlink(missing_ok=True)  # a previous attempt's
     try:
         result = run_experiment(task.experiment, task.path, overwrite=task.overwrite, progress=False)
@@ -487,14 +483,16 @@ def keep_in_flight(
 def run_in_processes(
     tasks: list[RunTask], workers: int | None, address: str | None, on_outcome: Callable[[RunOutcome], None]
 ) -> None:
-    """Worker processes on this machine, started fresh (spawn) so no run inherits another's state."""
+    """Worker processes on this machine, a fresh one (spawn) for every run, so that no run
+    inherits another's state or caches. Each run uses the torch threads its experiment
+    sets (the in-process engine's ``num_threads``, 1 by default), so ``--workers`` times
+    that should not exceed the cores."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(workers or cpus, len(tasks))
-    threads = max(1, cpus // workers)  # torch threads per run, so that parallel runs share the cores
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, max_tasks_per_child=1) as pool:
         keep_in_flight(
-            [replace(task, threads=threads) for task in tasks],
+            tasks,
             workers,
             submit=lambda task: pool.submit(execute_run, task),
             wait_any=lambda futures: next(iter(wait(futures, return_when=FIRST_COMPLETED).done)),
@@ -533,10 +531,9 @@ def run_on_ray(
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = min(workers or cpus, len(tasks))
-        threads = max(1, cpus // workers)
-        remote = ray.remote(num_cpus=threads, max_retries=0)(execute_run)
+        remote = ray.remote(num_cpus=max(1, cpus // workers), max_retries=0)(execute_run)
         keep_in_flight(
-            [replace(task, threads=threads) for task in tasks],
+            tasks,
             workers,
             submit=remote.remote,
             wait_any=lambda refs: ray.wait(refs, num_returns=1)[0][0],

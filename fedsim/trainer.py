@@ -21,6 +21,8 @@ from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.training import batches, predict
 
+SERVER_ROUND = "server-round"  # the key Flower's strategies use for the round number
+
 ClientState = dict[str, np.ndarray]
 """Per-client arrays kept between rounds (FedBN's BN layers, say); never sent."""
 

@@ -61,9 +61,3 @@ def classification_metrics(logits: torch.Tensor, y: np.ndarray) -> dict[str, flo
         "loss": float(F.cross_entropy(logits, target)),
         "accuracy": float((logits.argmax(1) == target).float().mean()),
     }
-
-
-def accuracy_by_group(logits: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> dict[int, float]:
-    """Accuracy per group id (e.g. per domain)."""
-    correct = (logits.argmax(1).numpy() == y).astype(np.float64)
-    return {int(g): float(correct[groups == g].mean()) for g in np.unique(groups)}

@@ -43,7 +43,7 @@ def mixture_counts(
     ``sizes="equal"``: every client gets an equal quota, filled from its mix without
     replacement (a group that runs out is dropped from the mixes of those still filling).
     ``sizes="fit"``: the authors' rule; client sizes n solve sum_i n_i p_i = group sizes in
-    the least-squares sense, client i takes floor(n_i p_ik) of group k, and the mixes are
+    the least-squares sense, client i takes round(n_i p_ik) of group k, and the mixes are
     redrawn until every client holds ``min_size`` and no group is over-drawn.
     """
     present = np.flatnonzero(group_sizes)  # a group with no samples can take no share
@@ -69,7 +69,7 @@ def _fitted_counts(available, concentration, num_clients, min_size, max_draws, r
         drawn += batch
         mixes = rng.dirichlet(concentration, size=(batch, num_clients))
         sizes = np.floor(np.linalg.pinv(mixes.transpose(0, 2, 1)) @ available.astype(float))
-        counts = np.floor(np.clip(sizes, 0, None)[..., None] * mixes).astype(np.int64)
+        counts = np.rint(np.clip(sizes, 0, None)[..., None] * mixes).astype(np.int64)
         fits = (counts.sum(axis=2).min(axis=1) >= max(min_size, 1)) & np.all(counts.sum(axis=1) <= available, axis=1)
         if fits.any():
             return counts[np.argmax(fits)].T

@@ -5,7 +5,8 @@ trainer (a :class:`fedsim.trainer.ClientTrainer` subclass) in a ``client_trainer
 attribute. Two more optional class attributes tell fedsim about the method:
 ``model_options`` (model options it requires, e.g. FedWon's ``{"norm": "none"}``) and
 ``personalized = True`` (clients evaluate their own models, so the global arrays are not
-evaluated on the server). Every class here can be dropped into a plain Flower ServerApp.
+evaluated on the server), and a ``validate_model(model)`` static method that raises
+ValueError for a model the method cannot train (FedBN: no BatchNorm). Every class here can be dropped into a plain Flower ServerApp.
 """
 
 from strategies.fedavg import FedAvg

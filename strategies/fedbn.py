@@ -54,6 +54,14 @@ class FedBN(FedAvg):
     client_trainer = FedBNTrainer
     personalized = True  # the global arrays alone are not a model any client uses
 
+    @staticmethod
+    def validate_model(model: nn.Module) -> None:
+        """FedBN on a model without BatchNorm would silently be FedAvg."""
+        if not batchnorm_keys(model):
+            raise ValueError(
+                "the model has no BatchNorm layers, so FedBN would be FedAvg; choose a model with norm = 'bn'"
+            )
+
     def __init__(self, *, weighting: Literal["uniform", "samples"] = "uniform", **kwargs) -> None:
         super().__init__(**kwargs)
         if weighting not in ("uniform", "samples"):
@@ -63,13 +71,16 @@ class FedBN(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # checks replies, weights by samples
-        if arrays is None or self.weighting == "samples":
-            return arrays, metrics
+        if self.weighting == "samples":
+            return super().aggregate_train(server_round, replies)
+        # FedAvg's aggregation with every client's arrays weighted equally; metrics keep
+        # FedAvg's weighting by examples.
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [reply.content for reply in valid]
         equal = [
-            RecordDict({"arrays": next(iter(reply.content.array_records.values())), "weight": MetricRecord({"w": 1})})
-            for reply in replies
-            if not reply.has_error()
+            RecordDict({"arrays": next(iter(content.array_records.values())), "weight": MetricRecord({"w": 1})})
+            for content in contents
         ]
-        return aggregate_arrayrecords(equal, "w"), metrics
+        return aggregate_arrayrecords(equal, "w"), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

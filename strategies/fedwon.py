@@ -14,6 +14,7 @@ import torch
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from fedsim.models.norm import has_normalization
 from fedsim.trainer import ClientTrainer, RoundConfig
 
 AGC_EPS = 1e-3  # the floor on a weight's norm, so zero-initialised units can still move
@@ -60,6 +61,11 @@ class FedWon(FedAvg):
 
     client_trainer = FedWonTrainer
     model_options = {"norm": "none"}  # every model this strategy trains is norm-free
+
+    @staticmethod
+    def validate_model(model: nn.Module) -> None:
+        if has_normalization(model):
+            raise ValueError("the model still has normalisation layers; FedWon trains norm-free models (norm = 'none')")
 
     def __init__(self, *, clip_lambda: float = 0.32, **kwargs) -> None:
         super().__init__(**kwargs)

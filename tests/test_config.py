@@ -169,15 +169,26 @@ def test_missing_file_and_unknown_command(capsys, tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_help_describes_every_command(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ([], ["run", "list", "partition", "sweep", "report", "data"]),
+        (["run"], ["--set", "--out", "--overwrite", "--quiet", "examples:"]),
+        (["list"], ["registered component"]),
+        (["partition"], ["--set", "--out", "partition_labels.png"]),
+        (["sweep"], ["--grid", "--seeds", "--workers", "--backend", "[sweep]"]),
+        (["report"], ["--by", "--target", "--format"]),
+        (["data", "download"], ["--root", "SHA-256"]),
+        (["data", "info"], ["NAME"]),
+    ],
+)
+def test_help_describes_every_command(command, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "run" in out and "list" in out
-    with pytest.raises(SystemExit):
-        main(["run", "--help"])
-    out = capsys.readouterr().out
-    assert "--set" in out and "--out" in out and "examples:" in out
+    for word in words:
+        assert word in out, (command, word)
 
 
 def test_list_names_every_component(capsys):
@@ -219,3 +230,20 @@ def test_skew_json_is_written_with_the_run(tmp_path):
     skew = json.loads((tmp_path / "run/skew.json").read_text())
     assert skew["summary"]["num_clients"] == 4
     assert len(skew["clients"]["hellinger"]) == 4
+
+
+def test_default_config_outside_the_checkout(tmp_path, monkeypatch):
+    """From another folder, `fedsim run` still finds the quickstart of the checkout it runs from."""
+    from fedsim.commands.run import default_config
+
+    monkeypatch.chdir(tmp_path)
+    assert default_config().resolve() == QUICKSTART.resolve()
+    monkeypatch.chdir(QUICKSTART.parents[1])
+    assert str(default_config()) == "experiments/quickstart.toml"  # errors name it as typed
+
+
+def test_result_line_survives_a_missing_metric():
+    from fedsim.commands.run import format_metric
+
+    assert format_metric(None) == "-"
+    assert format_metric(0.91234) == "0.9123"

@@ -112,7 +112,37 @@ def test_builtin_strategies_run_under_flowers_own_start(tmp_path):
         grid=grid,
         initial_arrays=ArrayRecord(env.new_model().state_dict()),
         num_rounds=2,
-        train_config=train_config(experiment),
+        train_config=train_config(experiment, 0),  # Flower's FedAvg stamps each round itself
     )
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert 0 <= result.evaluate_metrics_clientapp[2]["accuracy"] <= 1
+
+
+BROKEN = """
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.trainer import ClientTrainer
+
+
+class ExplodingTrainer(ClientTrainer):
+    def fit(self, model, data, config, generator, device):
+        raise RuntimeError("exploded on purpose")
+
+
+class Broken(FedAvg):
+    client_trainer = ExplodingTrainer
+"""
+
+
+def test_a_client_exception_is_one_line_and_exit_code_1(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_strategy.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["run", str(ROOT / "experiments/quickstart.toml"), "--quiet", "--out", str(tmp_path / "run")]
+    for override in ("strategy.name=broken_strategy:Broken", "dataset.name=digits", "model.name=mlp", "rounds=1"):
+        args += ["--set", override]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "client 0 failed in round 1 (train): RuntimeError: exploded on purpose" in err
+    assert main([*args, "--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err, "--verbose shows the client's traceback"

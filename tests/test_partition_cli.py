@@ -146,3 +146,13 @@ def test_help_documents_the_default_folder(capsys):
         main(["partition", "--help"])
     out = capsys.readouterr().out
     assert "runs/<name>-<hash" in out and "--set" in out and "partition_labels.png" in out
+
+
+def test_refuses_to_overwrite_a_run_directorys_partition(tmp_path, capsys):
+    from fedsim.run import run_experiment
+
+    run_experiment(tiny_experiment("rounds=1"), tmp_path / "run")
+    before = (tmp_path / "run/partition.npz").read_bytes()
+    assert main(partition_command("partition.alpha=0.05", out=tmp_path / "run")) == 2
+    check_one_line_error(capsys, ["is a run directory"])
+    assert (tmp_path / "run/partition.npz").read_bytes() == before

@@ -241,3 +241,45 @@ def test_large_alpha_gives_near_iid_clients():
     assert np.abs(shares - 0.1).max() < 0.05
     skewed = Dirichlet(10, alpha=0.1, min_size=10).split(y, seed=0)
     assert skewed.skew().summary["mean_hellinger"] > 0.5
+
+
+class RecordingGenerator:
+    """A numpy Generator that remembers the concentration of every Dirichlet draw."""
+
+    def __init__(self, generator):
+        self._generator = generator
+        self.concentrations = []
+
+    def dirichlet(self, alpha, size=None):
+        self.concentrations.append(np.asarray(alpha, dtype=float))
+        return self._generator.dirichlet(alpha, size)
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+
+@pytest.mark.parametrize("scheme", ["label-mixture", "embedding"])
+def test_mixtures_draw_from_dir_alpha_times_the_proportions(scheme, monkeypatch):
+    """Dir(alpha * pi), not Dir(alpha * 1): with groups of 70%, 20% and 10% and alpha 2, the
+    concentration is (1.4, 0.4, 0.2)."""
+    import partitioners.embedding
+    import partitioners.mixture
+
+    recorder, make_generator = {}, np.random.default_rng
+
+    def recording_rng(seed):
+        recorder["rng"] = RecordingGenerator(make_generator(seed))
+        return recorder["rng"]
+
+    y = np.repeat([0, 1, 2], [700, 200, 100])
+    embeddings = np.repeat([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]], [700, 200, 100], axis=0)
+    embeddings += np.random.default_rng(0).normal(scale=0.1, size=embeddings.shape)
+    module = partitioners.mixture if scheme == "label-mixture" else partitioners.embedding
+    monkeypatch.setattr(module.np.random, "default_rng", recording_rng)
+    if scheme == "label-mixture":
+        LabelMixture(5, alpha=2.0, min_size=1).split(y, seed=0)
+    else:
+        EmbeddingClusters(5, alpha=2.0, clusters=3, min_size=1).split(y, embeddings=embeddings, seed=0)
+    drawn = recorder["rng"].concentrations
+    assert drawn, "no Dirichlet draw was made"
+    assert sorted(drawn[0].round(6).tolist(), reverse=True) == [1.4, 0.4, 0.2]

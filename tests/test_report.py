@@ -16,8 +16,12 @@ from fedsim.report import find_runs, group_keys, read_runs
 from fedsim.results import MetricRow, RunDirectory
 
 
-def make_run(path, *, strategy="fedavg", alpha=0.5, seed=0, curve=(0.1, 0.5, 0.7), extra=None, finished=True, mu=0.1):
-    """A run directory as fedsim writes it: config.toml, metrics.csv, summary.json."""
+def make_run(
+    path, *, strategy="fedavg", alpha=0.5, seed=0, curve=(0.1, 0.5, 0.7), extra=None, finished=True, mu=0.1,
+    personalised=False,
+):  # fmt: skip
+    """A run directory as fedsim writes it: config.toml, metrics.csv, summary.json. A
+    personalised run (FedBN) reports its clients' held-out accuracy, not a global one."""
     table = {"name": "fedprox", "proximal_mu": mu} if strategy == "fedprox" else {"name": strategy}
     experiment = validate(
         {
@@ -33,16 +37,18 @@ def make_run(path, *, strategy="fedavg", alpha=0.5, seed=0, curve=(0.1, 0.5, 0.7
     run = RunDirectory(path)
     run.start(experiment)
     rows = []
+    scope, ident = ("federated", "evaluate") if personalised else ("server", "global")
     for round_, accuracy in enumerate(curve):
         rows += [
-            MetricRow(round_, "server", "global", "accuracy", accuracy),
-            MetricRow(round_, "server", "global", "loss", 2.0 - accuracy),
+            MetricRow(round_, scope, ident, "accuracy", accuracy),
+            MetricRow(round_, scope, ident, "loss", 2.0 - accuracy),
             MetricRow(round_, "client", "0", "accuracy", 0.0),  # not a global row: ignored
         ]
     run.append_metrics(rows)
     if finished:
         summary = {"accuracy": curve[-1], "loss": 2.0 - curve[-1], "client_accuracy_mean": curve[-1] - 0.05}
         summary |= {"seed": seed, "rounds_completed": len(curve) - 1, "wall_time_s": 1.0, "versions": {"x": "1"}}
+        summary["accuracy_evaluated_on"] = "client-holdout" if personalised else "global-test"
         run.write_summary(summary | (extra or {}))
     return path
 
@@ -229,3 +235,18 @@ def test_a_key_only_some_groups_have_shows_as_a_dash(tmp_path, capsys):
     assert len(rows) == 3
     assert rows[0].startswith("| fedavg | – |")
     assert "| fedprox | 0.01 |" in table and "| fedprox | 1.0 |" in table
+
+
+def test_personalised_runs_are_marked_and_followed_on_their_clients(tmp_path, capsys):
+    """FedBN's accuracy is its clients' held-out accuracy: the table says so, and rounds to
+    target read the clients' curve, not a global one it does not have."""
+    make_run(tmp_path / "avg", strategy="fedavg", curve=(0.1, 0.5, 0.7))
+    make_run(tmp_path / "bn", strategy="fedbn", curve=(0.1, 0.8, 0.9), personalised=True)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--target", "0.75"]) == 0
+    table = capsys.readouterr().out
+    assert "accuracy on" in table
+    bn_row = next(line for line in table.splitlines() if line.startswith("| fedbn"))
+    assert "client-holdout" in bn_row and "1.0 (1/1)" in bn_row
+    avg_row = next(line for line in table.splitlines() if line.startswith("| fedavg"))
+    assert "global-test" in avg_row and "(0/1)" in avg_row

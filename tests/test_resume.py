@@ -62,3 +62,29 @@ def test_killed_process_resumes_exactly(tmp_path):
     assert subprocess.run(command).returncode == 0
     run_experiment(tiny_experiment("rounds=12"), tmp_path / "reference")
     assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
+
+
+def test_resumed_fedbn_run_ends_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Client state (FedBN's BatchNorm layers) and the running figures in summary.json
+    come back after a crash as they were."""
+    experiment = tiny_experiment(
+        "strategy.name=fedbn", "model.name=resnet", "model.width=4", "rounds=4", "strategy.fraction_train=0.5"
+    )
+    reference = run_experiment(experiment, tmp_path / "reference").summary
+
+    original = RunDirectory.save_checkpoint
+
+    def crash_in_round_3(self, checkpoint):
+        if checkpoint.round == 3:
+            raise KeyboardInterrupt
+        original(self, checkpoint)
+
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, tmp_path / "run")
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
+    resumed = run_experiment(experiment, tmp_path / "run").summary
+
+    assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
+    for key in ("accuracy", "loss", "client_accuracy_mean", "accuracy_evaluated_on"):
+        assert resumed[key] == reference[key], key

@@ -68,12 +68,12 @@ def test_tiny_run_in_process(tmp_path):
 
 @pytest.mark.ray
 def test_tiny_run_on_ray_matches_in_process(tmp_path):
-    """Equal thread counts give bit-identical runs: Ray gives each client num_cpus=1
-    thread, so the in-process engine is held to num_threads=1 too."""
+    """With their defaults (one torch thread per client: Ray's num_cpus=1, in-process
+    num_threads=1) the two engines give bit-identical runs."""
     ray_experiment = tiny_experiment("engine.name=ray", "engine.num_cpus=1")
     run_experiment(ray_experiment, tmp_path / "ray")
     check_run_directory(tmp_path / "ray", ray_experiment, "ray")
-    local = tiny_experiment("engine.num_threads=1")
+    local = tiny_experiment()
     run_experiment(local, tmp_path / "local")
     ray_summary = json.loads((tmp_path / "ray/summary.json").read_text())
     local_summary = json.loads((tmp_path / "local/summary.json").read_text())

@@ -46,6 +46,8 @@ def execute(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(experiment)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
+    if (out / "config.toml").exists():  # a run directory: its partition.npz is what it trains on
+        raise UserError(f"--out {str(out)!r} is a run directory; write the partition to another folder")
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     partition = split_dataset(experiment, dataset)
 

@@ -21,11 +21,19 @@ same experiment again resumes it if it was interrupted, or reports it if it fini
 
 
 def default_config() -> Path:
-    """experiments/quickstart.toml in the current folder, else beside the fedsim sources."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / QUICKSTART).is_file():
-            return base / QUICKSTART
+    """experiments/quickstart.toml in the current folder, else in the source checkout that
+    fedsim runs from (an editable install)."""
+    if QUICKSTART.is_file():
+        return QUICKSTART  # relative, so that errors name it as the user would
+    checkout = Path(__file__).resolve().parents[2] / QUICKSTART
+    if checkout.is_file():
+        return checkout
     raise UserError(f"no CONFIG given and {QUICKSTART} was not found here; pass the path of an experiment file")
+
+
+def format_metric(value: float | None) -> str:
+    """A summary figure for the result line; a run can end without one (NaN, no evaluation)."""
+    return "-" if value is None else f"{value:.4f}"
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -42,7 +50,7 @@ def execute(args: argparse.Namespace) -> int:
             result.status, ""
         )
         print(
-            f"{experiment.name}: accuracy {s['accuracy']:.4f}  loss {s['loss']:.4f}  "
+            f"{experiment.name}: accuracy {format_metric(s['accuracy'])}  loss {format_metric(s['loss'])}  "
             f"rounds {s['rounds_completed']}  wall {s['wall_time_s']:.1f} s  -> {result.path}{note}"
         )
     return 0

@@ -8,14 +8,15 @@ on one machine; the messages are the same Flower messages the Ray engine carries
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Iterable
 from typing import Annotated
 from uuid import uuid4
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -72,7 +73,11 @@ class InProcessGrid(Grid):
             # changes its config must not change what the next client receives.
             delivered = copy.deepcopy(message)
             context = self._contexts[message.metadata.dst_node_id]
-            reply = self._client_app(delivered, context)
+            try:
+                reply = self._client_app(delivered, context)
+            except Exception:  # as Flower's engines do: the failure travels back as a reply
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc())
+                reply = Message(error, reply_to=delivered)
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
@@ -88,19 +93,20 @@ class InProcessGrid(Grid):
 class InProcessEngine:
     """Runs every client in this process, one after another: the fast default on one machine.
 
-    Set ``num_threads`` equal to the Ray engine's ``num_cpus`` to get bit-identical results
-    on both engines (float sums depend on the thread count).
+    ``num_threads`` is torch's thread count. It is part of the experiment because float
+    sums depend on it: with the same count as the Ray engine's ``num_cpus`` (1 by default
+    on both) the two engines give bit-identical results. Raise it for large models.
     """
 
-    def __init__(self, device: Device = "auto", num_threads: Annotated[int, Field(ge=1)] | None = None) -> None:
+    def __init__(self, device: Device = "auto", num_threads: Annotated[int, Field(ge=1)] = 1) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device = {device!r}, but this machine has no usable GPU; use 'auto' or 'cpu'")
         self.device = device
         self.num_threads = num_threads
 
     @property
-    def client_threads(self) -> int | None:
-        """Torch threads per client: ``num_threads``, else torch's default (all cores)."""
+    def client_threads(self) -> int:
+        """Torch threads for each client and the server's evaluation."""
         return self.num_threads
 
     def execute(self, server_main: ServerMain, client_app: ClientApp, num_clients: int) -> None:

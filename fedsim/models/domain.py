@@ -6,7 +6,10 @@ turns each convolution into a :class:`~fedsim.models.norm.WSConv2d` (FedWon's va
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from fedsim.models.norm import Norm, conv2d, norm1d, norm2d
@@ -86,12 +89,10 @@ class ResNet(nn.Module):
         input_shape: tuple[int, ...],
         num_classes: int,
         norm: Norm = "bn",
-        blocks: int = 1,
-        width: int = 16,
+        blocks: Annotated[int, Field(ge=1)] = 1,
+        width: Annotated[int, Field(ge=1)] = 16,
     ) -> None:
         super().__init__()
-        if blocks < 1 or width < 1:
-            raise ValueError(f"blocks and width must be >= 1, got blocks={blocks}, width={width}")
         widths = (width, 2 * width, 4 * width)
         layers: list[nn.Module] = [
             conv2d(norm, input_shape[0], width, 3, padding=1, bias=norm == "none"),

@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn import functional as F
 
 Norm = Literal["bn", "gn", "ln", "none"]
-NORMS: tuple[str, ...] = ("bn", "gn", "ln", "none")
 
 # Var(ReLU(z)) = (1 - 1/pi) / 2 for z ~ N(0, 1); this gain restores unit variance
 # (Brock et al., 2021). It is 1.71286 exactly; NFNets' code uses a sampled 1.7139.
