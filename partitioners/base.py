@@ -177,8 +177,8 @@ def check_integer(name: str, value: Any, minimum: int | None = None) -> None:
 
 
 def check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < np.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_min_size(min_size: int, num_clients: int, num_samples: int) -> None:

@@ -87,7 +87,7 @@ class DomainMixture(MixtureOptions, Partitioner):
         self,
         num_clients: int,
         beta: float = 0.5,
-        sizes: Literal["equal", "fit"] = "equal",
+        sizes: Literal["equal", "fit"] = "fit",
         min_size: int = 10,
         max_draws: int = 100_000,
     ) -> None:

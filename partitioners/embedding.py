@@ -50,7 +50,7 @@ class EmbeddingClusters(MixtureOptions, Partitioner):
         clusters: int = 10,
         embedder: str = "pixels",
         embedder_options: dict[str, Any] | None = None,
-        sizes: Literal["equal", "fit"] = "equal",
+        sizes: Literal["equal", "fit"] = "fit",
         min_size: int = 10,
         max_draws: int = 100_000,
     ) -> None:
@@ -75,6 +75,8 @@ class EmbeddingClusters(MixtureOptions, Partitioner):
         embeddings = np.asarray(embeddings, dtype=np.float64)
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be a 2-D array (samples x features), got shape {embeddings.shape}")
+        if np.isinf(embeddings).any():
+            raise ValueError("embeddings contain infinite values; give finite rows (NaN rows go to no client)")
         embedded = np.flatnonzero(~np.isnan(embeddings).any(axis=1))
         if self.clusters > len(embedded):
             raise ValueError(f"clusters={self.clusters} exceeds the {len(embedded)} embedded samples; lower clusters")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from partitioners.base import Partition, Partitioner, check_labels, check_min_size
+from partitioners.base import Partition, Partitioner, check_labels
 
 
 class IID(Partitioner):
@@ -12,6 +12,7 @@ class IID(Partitioner):
 
     def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
         y = check_labels(y)
-        check_min_size(1, self.num_clients, len(y))
+        if self.num_clients > len(y):
+            raise ValueError(f"num_clients={self.num_clients} exceeds the {len(y)} samples; lower num_clients")
         order = np.random.default_rng(seed).permutation(len(y))
         return Partition(np.array_split(order, self.num_clients), y)

@@ -61,7 +61,9 @@ class QuantitySkew(Partitioner):
 
     def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
         y = check_labels(y)
-        check_min_size(max(self.min_size, 1), self.num_clients, len(y))
+        check_min_size(self.min_size, self.num_clients, len(y))
+        if self.num_clients > len(y):
+            raise ValueError(f"num_clients={self.num_clients} exceeds the {len(y)} samples; lower num_clients")
         rng = np.random.default_rng(seed)
         if self.distribution == "dirichlet":
             shares = rng.dirichlet(np.full(self.num_clients, self.alpha))

@@ -2,13 +2,17 @@
 
 Label measures compare each client's label distribution p with the distribution q of all
 dealt samples: Hellinger distance sqrt(1 - sum sqrt(p q)), Jensen-Shannon divergence
-(base 2, so both lie in [0, 1]) and the earth mover's distance on the class index line
-(ground distance |i - j| between classes i and j). The effective number of classes is
-exp(Shannon entropy of p). Across clients, the Gini coefficient of the sizes measures
-quantity skew. Each per-sample group of the partition (``"cluster"``, ``"domain"``) gets
-its own Hellinger distance, and given embeddings, the squared Frechet distance between
-Gaussians fitted to the client's embeddings and to all dealt ones (as in FID) measures
-feature skew.
+(base 2, so both lie in [0, 1]) and the earth mover's distance of Zhao et al. (2018),
+sum |p - q| in [0, 2]. Class labels have no order, so every pair of distinct classes is
+equally far apart (EMD with ground distance 2, i.e. twice the total variation), and
+renumbering the classes changes nothing. The effective number of classes is exp(Shannon
+entropy of p). Across clients, the Gini coefficient of the sizes measures quantity skew.
+Each per-sample group of the partition (``"cluster"``, ``"domain"``) gets its own
+Hellinger distance. Given embeddings, two distances measure feature skew: the squared
+Frechet distance between Gaussians fitted to the client's embeddings and to all dealt ones
+(as in FID), which grows as a client shrinks even when its samples are IID, and the
+unbiased squared MMD with a Gaussian kernel, which is zero in expectation for IID
+clients of any size.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import sqrtm
 from scipy.spatial.distance import jensenshannon
-from scipy.stats import entropy, wasserstein_distance
+from scipy.stats import entropy
 
 from partitioners.base import Partition
 
@@ -88,6 +92,51 @@ def frechet_distances(embeddings: np.ndarray, client_indices: tuple[np.ndarray, 
     return np.clip(distances, 0.0, None)
 
 
+MMD_ROWS = 256  # rows per client and (x4) of the federation that the MMD compares, at most
+
+
+def mmd_distances(embeddings: np.ndarray, client_indices: tuple[np.ndarray, ...], seed: int = 0) -> np.ndarray:
+    """Unbiased squared MMD (Gretton et al., 2012) between each client's embeddings and all
+    dealt ones, with the Gaussian kernel exp(-|x - y|^2 / h), h the median squared distance
+    of the federation's rows. Clients and the federation are subsampled without
+    replacement (at most ``MMD_ROWS`` and four times that), which keeps it unbiased and the
+    cost flat in the number of samples. NaN below 2 samples.
+    """
+    rng = np.random.default_rng(seed)
+    dealt = np.concatenate(client_indices)
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    reference_indices = dealt[_subsample(len(dealt), 4 * MMD_ROWS, rng)]
+    reference = embeddings[reference_indices]
+    squared = _squared_distances(reference, reference)
+    bandwidth = max(float(np.median(squared[np.triu_indices(len(reference), 1)])), 1e-12)
+    within_reference = _mean_off_diagonal(np.exp(-squared / bandwidth))
+    distances = np.full(len(client_indices), np.nan)
+    for client, indices in enumerate(client_indices):
+        if len(indices) < 2:
+            continue
+        row_indices = indices[_subsample(len(indices), MMD_ROWS, rng)]
+        rows = embeddings[row_indices]
+        within = _mean_off_diagonal(np.exp(-_squared_distances(rows, rows) / bandwidth))
+        # a sample the reference also drew is no evidence of closeness: leave those pairs out
+        distinct = row_indices[:, None] != reference_indices[None, :]
+        across = np.exp(-_squared_distances(rows, reference) / bandwidth)[distinct].mean()
+        distances[client] = within + within_reference - 2 * across
+    return distances
+
+
+def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= limit else np.sort(rng.choice(n, limit, replace=False))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0.0, None)
+
+
+def _mean_off_diagonal(kernel: np.ndarray) -> float:
+    n = len(kernel)
+    return float((kernel.sum() - np.trace(kernel)) / (n * (n - 1)))
+
+
 def _gaussian(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = np.asarray(rows, dtype=np.float64)
     return rows.mean(axis=0), np.atleast_2d(np.cov(rows, rowvar=False))
@@ -97,7 +146,6 @@ def measure_skew(partition: Partition, embeddings: np.ndarray | None = None) -> 
     """Per-client label (and group, and embedding) distances to the federation's distribution."""
     labels = partition.label_matrix()
     p, q = distributions(labels), labels.sum(axis=0) / max(labels.sum(), 1)
-    classes = np.arange(partition.num_classes)
     table = pd.DataFrame(
         {
             "client": np.arange(partition.num_clients),
@@ -106,7 +154,7 @@ def measure_skew(partition: Partition, embeddings: np.ndarray | None = None) -> 
             "effective_classes": np.exp(entropy(p, axis=1)),
             "hellinger": hellinger(p, q),
             "jensen_shannon": jensenshannon(p, q[None, :], axis=1, base=2) ** 2,
-            "emd": [wasserstein_distance(classes, classes, row, q) if np.isfinite(row).all() else np.nan for row in p],
+            "emd": np.abs(p - q[None, :]).sum(axis=1),
         }
     )
     for name, group_ids in sorted(partition.groups.items()):
@@ -114,6 +162,7 @@ def measure_skew(partition: Partition, embeddings: np.ndarray | None = None) -> 
         table[f"hellinger_{name}"] = hellinger(distributions(groups), groups.sum(axis=0) / max(groups.sum(), 1))
     if embeddings is not None:
         table["frechet"] = frechet_distances(np.asarray(embeddings), partition.client_indices)
+        table["mmd"] = mmd_distances(np.asarray(embeddings), partition.client_indices)
     dealt = int(partition.sizes.sum())
     summary: dict[str, float] = {
         "num_clients": partition.num_clients,

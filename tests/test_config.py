@@ -158,7 +158,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip() == f"error: {path}: [partition] alpha must be a number > 0, got 0.0"
+    assert done.stderr.strip() == f"error: {path}: [partition] alpha must be a finite number > 0, got 0.0"
 
 
 def test_missing_file_and_unknown_command(capsys, tmp_path):

@@ -47,12 +47,14 @@ SCHEMES = {
     "shards": (lambda k: Shards(k, shards_per_client=2), True, False),
     "quantity-dirichlet": (lambda k: QuantitySkew(k, alpha=0.3, min_size=3), True, True),
     "quantity-power-law": (lambda k: QuantitySkew(k, "power-law", exponent=1.2, min_size=3), True, True),
-    "label-mixture": (lambda k: LabelMixture(k, alpha=0.5, min_size=3), True, True),
-    # the authors' size rule needs at least as many clients as classes to find draws quickly
-    "label-mixture-fit": (lambda k: LabelMixture(max(k, 6), alpha=1.0, sizes="fit", min_size=1), False, True),
-    "embedding": (lambda k: EmbeddingClusters(k, alpha=0.5, clusters=4, min_size=3), True, True),
+    # the authors' size rule ("fit", the default) needs about as many clients as groups
+    "label-mixture": (lambda k: LabelMixture(max(k, 6), alpha=1.0, min_size=1), False, True),
+    "label-mixture-equal": (lambda k: LabelMixture(k, alpha=0.5, sizes="equal", min_size=3), True, True),
+    "embedding": (lambda k: EmbeddingClusters(max(k, 4), alpha=1.0, clusters=4, min_size=1), False, True),
+    "embedding-equal": (lambda k: EmbeddingClusters(k, alpha=0.5, clusters=4, sizes="equal", min_size=3), True, True),
     "domain": (lambda k: DomainPerClient(k - k % 4), True, False),
-    "domain-mixture": (lambda k: DomainMixture(k, beta=0.5, min_size=3), True, True),
+    "domain-mixture": (lambda k: DomainMixture(max(k, 4), beta=1.0, min_size=1), False, True),
+    "domain-mixture-equal": (lambda k: DomainMixture(k, beta=0.5, sizes="equal", min_size=3), True, True),
     "domain-lds": (lambda k: LabelDomainSkew(k - k % 4, beta=1.0, min_size=1), False, True),
 }
 
@@ -117,6 +119,9 @@ def test_growing_concentration_gives_falling_mean_hellinger(make, measure, seed)
     [
         (lambda: Dirichlet(10, min_size=50), {}, "min_size"),
         (lambda: Dirichlet(10, alpha=0.0), None, "alpha"),
+        (lambda: Dirichlet(10, alpha=float("inf")), None, "alpha"),
+        (lambda: IID(401), {}, "num_clients"),
+        (lambda: QuantitySkew(401, min_size=0), {}, "num_clients"),
         (lambda: Dirichlet(0), None, "num_clients"),
         (lambda: Dirichlet(10, min_size=-1), None, "min_size"),
         (lambda: Dirichlet(10, alpha=0.01, min_size=39, max_draws=2), {}, "min_size"),
@@ -126,9 +131,11 @@ def test_growing_concentration_gives_falling_mean_hellinger(make, measure, seed)
         (lambda: QuantitySkew(10, min_size=41), {}, "min_size"),
         (lambda: LabelMixture(10, sizes="unequal"), None, "sizes"),
         (lambda: LabelMixture(10, min_size=41), {}, "min_size"),
-        (lambda: LabelMixture(2, alpha=100.0, sizes="fit", max_draws=50), {}, "sizes"),
+        (lambda: LabelMixture(6, alpha=100.0, min_size=66, max_draws=50), {}, "sizes"),
+        (lambda: LabelMixture(5), {}, "sizes='fit' needs num_clients"),
         (lambda: EmbeddingClusters(4, clusters=401), {"embeddings": True}, "clusters"),
         (lambda: EmbeddingClusters(4), {}, "embeddings"),
+        (lambda: EmbeddingClusters(4), {"infinite_embeddings": True}, "embeddings contain infinite"),
         (lambda: EmbeddingClusters(4, embedder="pixel"), None, "embedder"),
         (lambda: EmbeddingClusters(4, embedder_options={"dim": 3}), None, "embedder_options"),
         (lambda: EmbeddingClusters(4, embedder="file"), None, "embedder_options"),
@@ -143,8 +150,10 @@ def test_impossible_requests_name_the_parameter(build, split_kwargs, parameter):
     with pytest.raises(ValueError, match=parameter):
         partitioner = build()
         assert split_kwargs is not None, "the constructor should have refused"
-        inputs = {"domains": domains, "embeddings": embeddings}
-        partitioner.split(y, **{k: inputs[k] for k in split_kwargs}, seed=0)
+        infinite = embeddings.copy()
+        infinite[7, 1] = np.inf
+        inputs = {"domains": domains, "embeddings": embeddings, "infinite_embeddings": infinite}
+        partitioner.split(y, **{k.removeprefix("infinite_"): inputs[k] for k in split_kwargs}, seed=0)
 
 
 def test_balance_gives_equal_sizes_and_keeps_the_class_skew():
@@ -194,14 +203,17 @@ def test_domain_schemes_keep_domains_apart():
     lds = LabelDomainSkew(4, beta=0.5, min_size=1).split(y, domains=domains, seed=0)
     kept = lds.group_matrix(domains * 5 + y, 20).reshape(4, 4, 5)  # clients x domains x classes
     assert all(kept[c, d].sum() == 0 for c in range(4) for d in range(4) if c != d)
+    # domain d keeps floor(q_cd * n_dc) of class c, and the q_c sum to 1 over the domains
     available = np.bincount(domains * 5 + y, minlength=20).reshape(4, 5)
-    assert (kept[np.arange(4), np.arange(4)] <= available).all()
+    shares = kept[np.arange(4), np.arange(4)] / available
+    assert (shares.sum(axis=0) <= 1.0 + 1e-9).all()
+    assert (shares.sum(axis=0) > 1.0 - 4 / available.min(axis=0)).all()  # at most one sample lost per floor
 
 
 def test_embedding_split_leaves_out_rows_without_an_embedding():
     y, _, embeddings = make_data(5, 300, 3)
     embeddings[:30] = np.nan
-    partition = EmbeddingClusters(5, clusters=4, min_size=5).split(y, embeddings=embeddings, seed=0)
+    partition = EmbeddingClusters(5, clusters=4, sizes="equal", min_size=5).split(y, embeddings=embeddings, seed=0)
     dealt = partition.assigned()
     assert len(dealt) == 270 and dealt.min() >= 30
     assert (partition.groups["cluster"][:30] == -1).all()

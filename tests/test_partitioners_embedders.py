@@ -54,7 +54,7 @@ def test_model_embedder_hides_its_public_split():
     assert public.sum() == 30
     assert np.bincount(y[public]).tolist() == [10, 10, 10], "the public split is stratified"
     assert embeddings.shape == (120, 200)  # the MLP's last hidden layer
-    partition = EmbeddingClusters(3, clusters=3, min_size=5).split(y, embeddings=embeddings, seed=0)
+    partition = EmbeddingClusters(3, clusters=3, sizes="equal", min_size=5).split(y, embeddings=embeddings, seed=0)
     assert not np.isin(partition.assigned(), np.flatnonzero(public)).any()
     assert partition.sizes.sum() == 90
 

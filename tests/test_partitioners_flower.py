@@ -44,11 +44,11 @@ def test_text_labels_domain_and_embedding_columns():
     by_number = Dirichlet(4, alpha=0.5, min_size=5).split(np.asarray(data["label"]), seed=1)
     assert by_name.partition == by_number  # names numbered in sorted order: cat=0, dog=1, ...
 
-    domains = FlowerPartitioner(DomainMixture(3, beta=0.1, min_size=5), "label", domain_by="site")
+    domains = FlowerPartitioner(DomainMixture(3, beta=0.1, sizes="equal", min_size=5), "label", domain_by="site")
     domains.dataset = data
     assert sum(len(domains.load_partition(i)) for i in range(3)) == 300
 
-    clusters = FlowerPartitioner(EmbeddingClusters(3, clusters=4, min_size=5), "label", embedding_by="vector")
+    clusters = FlowerPartitioner(EmbeddingClusters(3, clusters=3, min_size=5), "label", embedding_by="vector")
     clusters.dataset = data
     assert sorted(clusters.partition.groups) == ["cluster"]
     with pytest.raises(ValueError, match="domain_by"):

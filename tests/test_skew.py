@@ -24,8 +24,8 @@ def test_label_measures_of_one_class_per_client():
     assert table["hellinger"].tolist() == pytest.approx([math.sqrt(1 - math.sqrt(0.25))] * 4)
     expected_js = 0.5 * math.log2(1 / 0.625) + 0.5 * (0.25 * math.log2(0.25 / 0.625) + 3 * 0.25 * math.log2(2))
     assert table["jensen_shannon"].tolist() == pytest.approx([expected_js] * 4)
-    # moving uniform mass onto class c costs the mean distance |c - j| over j
-    assert table["emd"].tolist() == pytest.approx([1.5, 1.0, 1.0, 1.5])
+    # Zhao et al.'s sum |p - q| = 0.75 + 3 * 0.25, the same for every class: labels have no order
+    assert table["emd"].tolist() == pytest.approx([1.5] * 4)
     assert table["effective_classes"].tolist() == pytest.approx([1.0] * 4)
     assert table["classes"].tolist() == [1] * 4
     assert report.summary["gini_sizes"] == 0.0
@@ -59,6 +59,20 @@ def test_group_hellinger_and_frechet_distance():
     mixed = Partition([np.arange(0, 400, 2), np.arange(1, 400, 2)], y).skew(embeddings).clients
     assert (table["frechet"] > 8.0).all()
     assert (mixed["frechet"] < 0.5).all()
+
+
+def test_mmd_is_near_zero_for_iid_clients_of_any_size_where_frechet_is_not():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(6000, 16))
+    y = np.zeros(6000, dtype=np.int64)
+    small, large = np.arange(12), np.arange(12, 1012)
+    table = Partition([small, large, np.arange(1012, 6000)], y).skew(embeddings).clients
+    assert abs(table["mmd"][0]) < 0.05 and abs(table["mmd"][1]) < 0.005
+    assert table["frechet"][0] > 5 * table["frechet"][1]  # the Gaussian fit of 12 rows is poor
+    embeddings[:1012, :4] += 2.0  # the first two clients move away from the rest
+    shifted = Partition([small, large, np.arange(1012, 6000)], y).skew(embeddings).clients
+    assert (shifted["mmd"][:2] > 0.1).all()
+    assert shifted["mmd"][0] == pytest.approx(shifted["mmd"][1], abs=0.1)
 
 
 def test_report_is_json_ready_with_empty_clients_as_null():
