@@ -72,7 +72,6 @@ class RunDirectory:
 
     config = property(lambda self: self.path / "config.toml")
     partition = property(lambda self: self.path / "partition.npz")
-    skew = property(lambda self: self.path / "skew.json")
     metrics = property(lambda self: self.path / "metrics.csv")
     summary = property(lambda self: self.path / "summary.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pkl")

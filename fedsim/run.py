@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -17,16 +16,15 @@ import numpy as np
 import torch
 
 import fedsim
-from fedsim import atomic
 from fedsim.clientapp import make_client_app
 from fedsim.components import check_model, make_engine
 from fedsim.config import Experiment
 from fedsim.data import load_dataset
 from fedsim.environment import RunEnvironment
-from fedsim.plots import plot_heatmap, plot_training
+from fedsim.plots import plot_training
 from fedsim.results import RunDirectory
 from fedsim.serverapp import Federation
-from fedsim.splitting import split_dataset
+from fedsim.splitting import describe_partition, split_dataset
 from partitioners import Partition
 
 
@@ -78,14 +76,7 @@ def run_experiment(
         partition = split_dataset(experiment, dataset)
         run.start(experiment)
         partition.save(run.partition)
-        atomic.write_text(run.skew, json.dumps(partition.skew().to_dict(), indent=2) + "\n")
-        plot_heatmap(
-            partition.label_matrix(),
-            run.plots / "partition.png",
-            f"{experiment.partition.name}: samples per client and class",
-            "class",
-            dataset.classes,
-        )
+        describe_partition(experiment, dataset, partition, run.path, labels_plot="partition.png")
     engine = make_engine(experiment)
     env = RunEnvironment(experiment, run.path.resolve(), engine.device, engine.client_threads)
     client_app = make_client_app(env)
@@ -101,19 +92,18 @@ def run_experiment(
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:
-    # in client order, so that a resumed run sums exactly as an uninterrupted one
-    client_accuracy = [
-        federation.client_accuracy[client]
-        for client in sorted(federation.client_accuracy)
-        if not math.isnan(federation.client_accuracy[client])
-    ]
+    accuracy = _across_clients(federation.client_latest["accuracy"])
+    loss = _across_clients(federation.client_latest["loss"])
     summary = {
         "name": experiment.name,
         "fingerprint": experiment.fingerprint(),
         "accuracy": federation.final.get("accuracy"),
         "accuracy_evaluated_on": federation.evaluated_on,
         "loss": federation.final.get("loss"),
-        "client_accuracy_mean": float(np.mean(client_accuracy)) if client_accuracy else None,
+        "client_accuracy_mean": float(np.mean(accuracy)) if accuracy else None,
+        # Borazjani et al.'s heterogeneity measure: the model's loss on each client's data
+        "client_loss_mean": float(np.mean(loss)) if loss else None,
+        "client_loss_std": float(np.std(loss)) if loss else None,
         "accuracy_by_domain": federation.accuracy_by_domain or None,
         "rounds_completed": experiment.rounds,
         "seed": experiment.seed,
@@ -131,6 +121,12 @@ def make_summary(experiment: Experiment, federation: Federation, partition: Part
         },
     }
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+
+
+def _across_clients(latest: dict[int, float]) -> list[float]:
+    """The clients' latest values, in client order so that a resumed run sums exactly as
+    an uninterrupted one; clients that reported none are left out."""
+    return [latest[client] for client in sorted(latest) if not math.isnan(latest[client])]
 
 
 @contextmanager

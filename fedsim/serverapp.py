@@ -32,6 +32,7 @@ from fedsim.trainer import SERVER_ROUND, RoundConfig
 from fedsim.training import classification_metrics, predict
 
 REPLY_TIMEOUT_S = 24 * 3600.0  # a simulated client never drops out; waiting is correct
+CLIENT_MEASURES = ("accuracy", "loss")  # what the summary follows on each client's held-out data
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
@@ -147,7 +148,8 @@ class Federation:
         self.resume = resume
         self.on_round = on_round or (lambda _round, _metrics: None)
         self.final: dict[str, float] = {}
-        self.client_accuracy: dict[int, float] = {}  # each client's latest held-out accuracy
+        # each client's latest held-out figures, by measure (CLIENT_MEASURES) and client
+        self.client_latest: dict[str, dict[int, float]] = {measure: {} for measure in CLIENT_MEASURES}
         self.accuracy_by_domain: dict[str, float] = {}
         self.evaluated_on = GLOBAL_TEST  # where `final` comes from; see is_personalized
         self._started = time.monotonic() if started is None else started  # when the command began
@@ -230,7 +232,8 @@ class Federation:
         rows = self._client_rows(server_round, replies, grid)
         for reply in replies:
             client = grid.clients[reply.metadata.src_node_id]
-            self.client_accuracy[client] = float(reply.content[METRICS_KEY].get("accuracy", np.nan))
+            for measure in CLIENT_MEASURES:
+                self.client_latest[measure][client] = float(reply.content[METRICS_KEY].get(measure, np.nan))
         rows += self._domain_rows(server_round, replies)
         on_clients = strategy.aggregate_evaluate(server_round, replies) or {}
         rows += self._rows(server_round, "federated", "evaluate", on_clients)
@@ -282,8 +285,9 @@ class Federation:
         else:
             headline = last[last.scope == "server"]
         self.final = {key: value for key, value in zip(headline.metric, headline.value) if key in ("accuracy", "loss")}
-        clients = frame[(frame.scope == "client") & (frame.metric == "accuracy")].groupby("id").tail(1)
-        self.client_accuracy = {int(client): value for client, value in zip(clients.id, clients.value)}
+        for measure in CLIENT_MEASURES:
+            clients = frame[(frame.scope == "client") & (frame.metric == measure)].groupby("id").tail(1)
+            self.client_latest[measure] = {int(client): value for client, value in zip(clients.id, clients.value)}
         domains = last[(last.scope == "domain") & (last.metric == "accuracy")]
         self.accuracy_by_domain = dict(zip(domains.id, domains.value))
 

@@ -1,9 +1,11 @@
-"""Split an experiment's dataset into its clients' partition (shared by ``fedsim run``,
-``fedsim partition`` and everything else that needs the partition without training)."""
+"""Split an experiment's dataset into its clients' partition, and describe the split (shared
+by ``fedsim run``, ``fedsim partition`` and everything else that needs the partition)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ from fedsim.config import Experiment
 from fedsim.data import Dataset
 from fedsim.errors import UserError
 from partitioners import Partition, Partitioner
+from partitioners.skew import SkewReport
 
 
 def split_dataset(experiment: Experiment, dataset: Dataset) -> Partition:
@@ -67,3 +70,51 @@ def dataset_embeddings(
         )
     except ValueError as error:
         raise UserError(f"[partition] {error}") from None
+
+
+def describe_partition(
+    experiment: Experiment, dataset: Dataset, partition: Partition, out: Path, labels_plot: str = "partition_labels.png"
+) -> SkewReport:
+    """Measure the partition's skew and write ``out/skew.json`` and the heatmaps under
+    ``out/plots``: clients x classes (``labels_plot``), and clients x clusters or domains
+    where the split has them. Embedding and domain splits also get the feature-skew
+    distances, on the embedding split's own embeddings or else on pixel embeddings."""
+    from fedsim import atomic
+    from fedsim.plots import plot_heatmap
+
+    embeddings = None
+    if "cluster" in partition.groups or dataset.domain_train is not None:
+        partitioner = make_partitioner(experiment)
+        embedder = getattr(partitioner, "embedder", "pixels")
+        embeddings = dataset_embeddings(experiment, dataset, embedder, getattr(partitioner, "embedder_options", None))
+    report = partition.skew(embeddings)
+    atomic.write_text(out / "skew.json", json.dumps(report.to_dict(), indent=2) + "\n")
+
+    name = experiment.partition.name
+    plot_heatmap(
+        partition.label_matrix(),
+        out / "plots" / labels_plot,
+        f"{name}: samples per client and class (mean Hellinger {report.summary['mean_hellinger']:.3f})",
+        "class",
+        dataset.classes,
+    )
+    if "cluster" in partition.groups:
+        clusters = partition.groups["cluster"]
+        plot_heatmap(
+            partition.group_matrix(clusters, int(clusters.max()) + 1),
+            out / "plots" / "partition_clusters.png",
+            f"{name}: samples per client and embedding cluster",
+            "cluster",
+            [str(c) for c in range(int(clusters.max()) + 1)],
+        )
+    if dataset.domain_train is not None:
+        num_domains = int(dataset.domain_train.max()) + 1
+        names = dataset.domains if len(dataset.domains) == num_domains else [str(d) for d in range(num_domains)]
+        plot_heatmap(
+            partition.group_matrix(dataset.domain_train, num_domains),
+            out / "plots" / "partition_domains.png",
+            f"{name}: samples per client and domain",
+            "domain",
+            names,
+        )
+    return report

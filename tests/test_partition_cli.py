@@ -46,7 +46,7 @@ def test_writes_the_partition_skew_and_heatmap(tmp_path, capsys):
 
 def test_embedding_split_draws_its_clusters_and_embedding_distance(tmp_path):
     out = tmp_path / "emb"
-    overrides = ("partition.name=embedding", "partition.clusters=5", "partition.min_size=5")
+    overrides = ("partition.name=embedding", "partition.clusters=4", "partition.min_size=5")
     assert main(partition_command(*overrides, out=out)) == 0
     assert (out / "plots/partition_clusters.png").read_bytes()[:8] == PNG_MAGIC
     skew = json.loads((out / "skew.json").read_text())
@@ -55,10 +55,24 @@ def test_embedding_split_draws_its_clusters_and_embedding_distance(tmp_path):
     assert sorted(Partition.load(out / "partition.npz").groups) == ["cluster"]
 
 
+def test_run_describes_its_partition_as_fedsim_partition_does(tmp_path):
+    from fedsim.run import run_experiment
+
+    overrides = ("partition.name=embedding", "partition.clusters=4", "partition.min_size=5", "rounds=1")
+    assert main(partition_command(*overrides, out=tmp_path / "look")) == 0
+    run_experiment(tiny_experiment(*overrides), tmp_path / "run")
+    looked = json.loads((tmp_path / "look/skew.json").read_text())
+    assert json.loads((tmp_path / "run/skew.json").read_text()) == looked
+    assert "mean_frechet" in looked["summary"] and "mean_mmd" in looked["summary"]
+    assert (tmp_path / "run/plots/partition.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "run/plots/partition_clusters.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_model_embedder_holds_out_its_public_split(tmp_path):
     out = tmp_path / "model"
     overrides = (
         "partition.name=embedding",
+        'partition.sizes="equal"',
         "partition.embedder=model",
         'partition.embedder_options={model = "mlp", epochs = 1, public_fraction = 0.2}',
     )

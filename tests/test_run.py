@@ -49,6 +49,11 @@ def check_run_directory(path, experiment, engine):
     clients = metrics[(metrics.scope == "client") & (metrics.metric == "accuracy")]
     assert sorted(clients.id.unique()) == ["0", "1", "2", "3"]
     assert set(metrics.scope) == {"server", "client", "federated"}
+    # the global model's loss on each client's held-out data after the last round, across clients
+    last_losses = metrics[(metrics.scope == "client") & (metrics.metric == "loss")].groupby("id").value.last()
+    assert summary["client_loss_mean"] == pytest.approx(last_losses.mean())
+    assert summary["client_loss_std"] == pytest.approx(last_losses.std(ddof=0))
+    assert summary["client_loss_std"] > 0
 
     partition = Partition.load(path / "partition.npz")
     assert partition.num_clients == 4

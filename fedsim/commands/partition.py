@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fedsim.commands.run import QUICKSTART, add_override_arguments, default_config
@@ -36,11 +35,9 @@ def default_out(experiment) -> Path:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fedsim import atomic
     from fedsim.config import load_experiment
     from fedsim.data import load_dataset
-    from fedsim.plots import plot_heatmap
-    from fedsim.splitting import dataset_embeddings, split_dataset
+    from fedsim.splitting import describe_partition, split_dataset
 
     experiment = load_experiment(args.config or default_config(), args.set)
     out = Path(args.out) if args.out else default_out(experiment)
@@ -51,45 +48,8 @@ def execute(args: argparse.Namespace) -> int:
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     partition = split_dataset(experiment, dataset)
 
-    embeddings = None
-    if "cluster" in partition.groups or dataset.domain_train is not None:
-        # the embedding split's own embeddings (cached), else pixels for the feature skew of domains
-        from fedsim.components import make_partitioner
-
-        partitioner = make_partitioner(experiment)
-        embedder = getattr(partitioner, "embedder", "pixels")
-        embeddings = dataset_embeddings(experiment, dataset, embedder, getattr(partitioner, "embedder_options", None))
-    report = partition.skew(embeddings)
-
     partition.save(out / "partition.npz")
-    atomic.write_text(out / "skew.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    name = experiment.partition.name
-    plot_heatmap(
-        partition.label_matrix(),
-        out / "plots" / "partition_labels.png",
-        f"{name}: samples per client and class (mean Hellinger {report.summary['mean_hellinger']:.3f})",
-        "class",
-        dataset.classes,
-    )
-    if "cluster" in partition.groups:
-        clusters = partition.groups["cluster"]
-        plot_heatmap(
-            partition.group_matrix(clusters, int(clusters.max()) + 1),
-            out / "plots" / "partition_clusters.png",
-            f"{name}: samples per client and embedding cluster",
-            "cluster",
-            [str(c) for c in range(int(clusters.max()) + 1)],
-        )
-    if dataset.domain_train is not None:
-        num_domains = int(dataset.domain_train.max()) + 1
-        names = dataset.domains if len(dataset.domains) == num_domains else [str(d) for d in range(num_domains)]
-        plot_heatmap(
-            partition.group_matrix(dataset.domain_train, num_domains),
-            out / "plots" / "partition_domains.png",
-            f"{name}: samples per client and domain",
-            "domain",
-            names,
-        )
+    report = describe_partition(experiment, dataset, partition, out)
     print_report(experiment.name, report)
     print(f"-> {out}")
     return 0
