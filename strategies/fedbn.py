@@ -30,8 +30,13 @@ class FedBNTrainer(ClientTrainer):
         local = batchnorm_keys(model)
         incoming = arrays.to_torch_state_dict()
         if not state:
-            # First round for this client: it starts from the shared initial model.
-            model.load_state_dict(incoming, strict=False)
+            # This client's first message: it has no BatchNorm of its own yet, so BN keeps
+            # the freshly built layers' values (after round 1 the server's arrays hold none).
+            missing, unexpected = model.load_state_dict(incoming, strict=False)
+            if unexpected or set(missing) - local:
+                raise ValueError(
+                    f"the server's arrays do not fit the model: missing {missing}, unexpected {unexpected}"
+                )
             return
         shared = {key: value for key, value in incoming.items() if key not in local}
         own = {key: torch.as_tensor(state[key]) for key in local}

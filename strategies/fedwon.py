@@ -22,7 +22,8 @@ AGC_EPS = 1e-3  # the floor on a weight's norm, so zero-initialised units can st
 
 def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
     """Norm per output unit: over each row of a dense weight and each output channel's
-    fan-in of a conv weight; a vector or scalar (a bias, a gain) counts as one unit."""
+    fan-in of a conv weight (WSConv's per-channel gain, shaped (C, 1, 1, 1), is thus one
+    unit per channel); a vector or a scalar (a bias) counts as one unit."""
     if tensor.ndim <= 1:
         return torch.linalg.vector_norm(tensor)
     return torch.linalg.vector_norm(tensor, dim=tuple(range(1, tensor.ndim)), keepdim=True)
@@ -41,13 +42,21 @@ def adaptive_clip_(parameters: Iterable[nn.Parameter], clip_lambda: float, eps: 
         parameter.grad.mul_(scale)
 
 
+def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What AGC clips: every parameter but the classifier's (as in NFNets and FedWon) and
+    scalar parameters. The only scalars in the zoo are the norm-free ResNet's SkipInit
+    gains, which start at zero: AGC's floor then caps their step at lr * lambda * 1e-3
+    (3e-6 at lr 0.01), which leaves the residual branches shut for hundreds of local steps.
+    NFNets can afford that over 100,000s of steps at lr 1.6; federated clients cannot."""
+    head = {id(p) for p in model.head.parameters()}
+    return [p for p in model.parameters() if id(p) not in head and p.ndim > 0]
+
+
 class FedWonTrainer(ClientTrainer):
     """FedAvg's local SGD with adaptive gradient clipping on every layer but the classifier."""
 
     def before_step(self, model: nn.Module, config: RoundConfig) -> None:
-        head = {id(p) for p in model.head.parameters()}
-        body = [p for p in model.parameters() if id(p) not in head]
-        adaptive_clip_(body, float(config.extra["agc-lambda"]))
+        adaptive_clip_(clipped_parameters(model), float(config.extra["agc-lambda"]))
 
 
 class FedWon(FedAvg):
