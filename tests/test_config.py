@@ -196,6 +196,8 @@ def test_list_names_every_component(capsys):
     out = capsys.readouterr().out
     for name in ("mnist5k", "digits", "dirichlet", "iid", "lenet", "mlp", "fedavg", "fedprox", "inprocess", "ray"):
         assert f"  {name} " in out, name
+    # every strategy is described by its paper, Flower's own classes included
+    assert "fedavg   FedAvg (McMahan et al." in out and "fedprox  FedProx (Li et al." in out
 
 
 def test_quickstart_is_valid_as_shipped():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -30,7 +31,11 @@ def execute(args: argparse.Namespace) -> int:
     section("datasets", datasets)
     section("partitioners", {name: describe(cls) for name, cls in PARTITIONERS.items()})
     section("models", {name: describe(cls) for name, cls in MODELS.items()})
-    strategies = {name: describe(cls) for name, cls in STRATEGIES.items()}
+    # Flower's own classes (FedAvg, FedProx) are described by the module that registers them
+    strategies = {
+        name: describe(cls if cls.__module__.startswith("strategies.") else sys.modules[f"strategies.{name}"])
+        for name, cls in STRATEGIES.items()
+    }
     strategies.update({name: f"plugin from {ep.value}" for name, ep in plugin_table(STRATEGY_PLUGINS).items()})
     section("strategies", strategies)
     section("engines", {name: describe(cls) for name, cls in ENGINES.items()})
