@@ -42,21 +42,13 @@ def adaptive_clip_(parameters: Iterable[nn.Parameter], clip_lambda: float, eps: 
         parameter.grad.mul_(scale)
 
 
-def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What AGC clips: every parameter but the classifier's (as in NFNets and FedWon) and
-    scalar parameters. The only scalars in the zoo are the norm-free ResNet's SkipInit
-    gains, which start at zero: AGC's floor then caps their step at lr * lambda * 1e-3
-    (3e-6 at lr 0.01), which leaves the residual branches shut for hundreds of local steps.
-    NFNets can afford that over 100,000s of steps at lr 1.6; federated clients cannot."""
-    head = {id(p) for p in model.head.parameters()}
-    return [p for p in model.parameters() if id(p) not in head and p.ndim > 0]
-
-
 class FedWonTrainer(ClientTrainer):
     """FedAvg's local SGD with adaptive gradient clipping on every layer but the classifier."""
 
     def before_step(self, model: nn.Module, config: RoundConfig) -> None:
-        adaptive_clip_(clipped_parameters(model), float(config.extra["agc-lambda"]))
+        head = {id(p) for p in model.head.parameters()}
+        body = [p for p in model.parameters() if id(p) not in head]
+        adaptive_clip_(body, float(config.extra["agc-lambda"]))
 
 
 class FedWon(FedAvg):

@@ -51,10 +51,9 @@ class DigitCNN(nn.Module):
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a shortcut. Without normalisation the residual branch is scaled
-    by a learnable scalar that starts at zero (SkipInit, De & Smith 2020), so that the
-    untrained network is an identity map and signal does not explode with depth."""
+    by a learnable scalar that starts at ``residual_gain``."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: Norm) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: Norm, residual_gain: float = 1.0) -> None:
         super().__init__()
         self.branch = nn.Sequential(
             conv2d(norm, c_in, c_out, 3, stride=stride, padding=1, bias=norm == "none"),
@@ -68,7 +67,7 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 conv2d(norm, c_in, c_out, 1, stride=stride, bias=norm == "none"), norm2d(norm, c_out)
             )
-        self.skip_gain = nn.Parameter(torch.zeros(())) if norm == "none" else None
+        self.skip_gain = nn.Parameter(torch.tensor(float(residual_gain))) if norm == "none" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.branch(x)
@@ -81,7 +80,13 @@ class ResNet(nn.Module):
     """A CIFAR-style ResNet for 28-32 px inputs (He et al., 2016): a 3x3 stem, three stages
     of basic blocks at widths w, 2w, 4w, global average pooling.
 
-    ``blocks`` per stage: 1 gives ResNet-8, 3 gives ResNet-20.
+    ``blocks`` per stage: 1 gives ResNet-8, 3 gives ResNet-20. With ``norm = "none"``
+    (FedWon) every residual branch is scaled by a learnable scalar starting at
+    ``residual_gain``. SkipInit (De & Smith, 2020) starts it at 0, so that depth cannot blow
+    up the untrained signal, but then the branches open far too slowly for federated
+    budgets: trained centrally on 2,400 digits-domains images (batch 4, SGD lr 0.01, AGC
+    0.32, 1,500 steps), ResNet-8 reached 0.100 test accuracy from 0, 0.398 from 1, and 0.288
+    with BatchNorm. Hence 1 by default; lower it for deep variants.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class ResNet(nn.Module):
         norm: Norm = "bn",
         blocks: Annotated[int, Field(ge=1)] = 1,
         width: Annotated[int, Field(ge=1)] = 16,
+        residual_gain: Annotated[float, Field(ge=0)] = 1.0,
     ) -> None:
         super().__init__()
         widths = (width, 2 * width, 4 * width)
@@ -103,7 +109,7 @@ class ResNet(nn.Module):
         for stage, c_out in enumerate(widths):
             for index in range(blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
-                layers.append(BasicBlock(c_in, c_out, stride, norm))
+                layers.append(BasicBlock(c_in, c_out, stride, norm, residual_gain))
                 c_in = c_out
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(c_in, num_classes)
