@@ -116,6 +116,8 @@ class Partition:
             and self.num_classes == other.num_classes
             and np.array_equal(self.labels, other.labels)
             and all(np.array_equal(a, b) for a, b in zip(self.client_indices, other.client_indices))
+            and self.groups.keys() == other.groups.keys()
+            and all(np.array_equal(g, other.groups[name]) for name, g in self.groups.items())
         )
 
     def __repr__(self) -> str:

@@ -14,9 +14,9 @@ class Pathological(Partitioner):
     Every client holds ``classes_per_client`` classes, and each class is shared equally
     among the clients that hold it. Classes are handed round-robin over a random class order
     (client i takes the next k classes), so each class is held by as many clients as
-    possible, give or take one. Every sample is dealt when
-    ``num_clients * classes_per_client >= classes``; otherwise the classes that no client
-    draws stay unassigned.
+    possible, give or take one; a class with fewer samples than holders is an error. Every
+    sample is dealt when ``num_clients * classes_per_client >= classes``; otherwise the
+    classes that no client draws stay unassigned.
 
     Parameters
     ----------
@@ -44,6 +44,16 @@ class Pathological(Partitioner):
         holders = np.zeros((y.max() + 1, self.num_clients))
         holders[held_class, slots // self.classes_per_client] = 1.0
         holder_count = holders.sum(axis=1, keepdims=True)
+        class_sizes = np.bincount(y, minlength=len(holders))
+        short = np.flatnonzero(class_sizes < holder_count[:, 0])
+        if len(short):
+            # A class with fewer samples than holders would leave some holder without it,
+            # breaking the promise of exactly k classes on every client.
+            c = short[0]
+            raise ValueError(
+                f"class {c} has {class_sizes[c]} samples but num_clients x classes_per_client gives it "
+                f"{int(holder_count[c, 0])} holders; lower num_clients or classes_per_client"
+            )
         shares = np.divide(holders, holder_count, out=np.zeros_like(holders), where=holder_count > 0)
         counts = cut_counts(shares, np.bincount(y) * (holder_count[:, 0] > 0))
         return Partition(deal(y, counts, rng), y)

@@ -80,6 +80,9 @@ def test_partition_contract(name, seed, n, classes, clients):
     dealt = check_disjoint_and_in_range(partition, n)
     if covers is None:  # pathological: every class is held when clients x k >= classes
         covers = partitioner.num_clients * partitioner.classes_per_client >= classes
+    if name == "pathological":
+        held = (partition.label_matrix() > 0).sum(axis=1)
+        assert (held == partitioner.classes_per_client).all(), "every client holds exactly k classes"
     if covers:
         assert len(dealt) == n, "the scheme promises to deal every sample"
     if has_min_size:
@@ -172,6 +175,12 @@ def test_pathological_gives_k_classes_per_client():
     assert holders.tolist() == [3] * 10, "round-robin dealing holds every class equally often"
 
 
+def test_pathological_refuses_a_class_smaller_than_its_holders():
+    y = np.concatenate([np.repeat(np.arange(4), 50), [4, 4]])  # class 4 has 2 samples
+    with pytest.raises(ValueError, match="class 4 has 2 samples.*classes_per_client"):
+        Pathological(10, classes_per_client=2).split(y, seed=0)  # 20 slots: 4 holders per class
+
+
 def test_shards_of_one_class_each_give_shards_per_client_classes():
     y = np.repeat(np.arange(10), 20)  # 10 shards of 20: each shard is exactly one class
     partition = Shards(5, shards_per_client=2).split(y, seed=7)
@@ -243,6 +252,8 @@ def test_partition_save_and_load_keep_groups(tmp_path):
     assert loaded == partition
     assert np.array_equal(loaded.groups["domain"], domains)
     assert np.array_equal(loaded.label_matrix(), partition.label_matrix())
+    relabelled = Partition(partition.client_indices, y, groups={"domain": (domains + 1) % 4})
+    assert relabelled != partition
 
 
 def test_large_alpha_gives_near_iid_clients():
