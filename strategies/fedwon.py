@@ -60,7 +60,9 @@ class FedWon(FedAvg):
     not available to check. NFNets advise 0.01 at very large batches and larger values for
     small ones. The default, 0.32, was the best of {0.32, 1.28} on digits-domains
     (cross-silo, seed 0, 20 rounds, batch 32, lr 0.1: 0.922 against 0.913 mean client
-    accuracy); 0.01 and 0.08 trained far slower (at lr 0.01).
+    accuracy); 0.01 and 0.08 trained far slower (at lr 0.01). The workshop's 0.1, over the
+    whole cross-silo experiment (3 seeds, 50 rounds), gave 0.899 +- 0.008 against
+    0.914 +- 0.012 at 0.32.
     """
 
     client_trainer = FedWonTrainer
