@@ -146,7 +146,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
             params = {key: value for key, value in params.items() if key not in stale}
             for key in stale:
                 del data[table][key]
-            params = validate_parameters(component, params, f"[{table}]", reserved=fixed)
+            params = validate_parameters(component, params, f"[{table}]", reserved=fixed, table_keys=["name"])
             data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
             for key, default in _defaults(component).items():
                 if key not in data[table] and key not in fixed:

@@ -128,22 +128,24 @@ def validate_parameters(
     params: Mapping[str, Any],
     where: str,
     reserved: Iterable[str] = (),
+    table_keys: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Check ``params`` against ``component``'s signature and coerce them to its types.
 
     ``where`` prefixes every error (for example ``"[partition]"``). ``reserved`` names
     parameters that fedsim fills in itself and that the user may therefore omit.
-    Unknown keys, missing required keys and values of the wrong type each raise a
-    one-line UserError.
+    ``table_keys`` are the table's own keys besides the parameters (``name``), offered
+    too when an unknown key is close to one. Unknown keys, missing required keys and
+    values of the wrong type each raise a one-line UserError.
     """
     accepted = accepted_parameters(component)
     hints = _type_hints(component)
     reserved = set(reserved)
     for key in params:
         if key not in accepted:
-            hint = did_you_mean(key, accepted)
+            hint = did_you_mean(key, [*table_keys, *accepted])
             if not hint:
-                settable = [name for name in accepted if name not in reserved]
+                settable = [*table_keys, *(name for name in accepted if name not in reserved)]
                 hint = f" (valid keys: {', '.join(settable)})" if settable else " (it takes no keys)"
             raise UserError(f"{where} unknown key {key!r}{hint}")
     missing = [

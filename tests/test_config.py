@@ -60,6 +60,10 @@ MALFORMED = {
         'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[model]\nname = "lenet"\nwidth = 3\n',
         ["[model]", "'width'", "valid keys"],
     ),
+    "misspelt component name key": (
+        'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[strategy]\nnme = "fedavg"\n',
+        ["[strategy]", "'nme'", "did you mean 'name'"],
+    ),
     "unknown strategy": (
         'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[strategy]\nname = "fedav"\n',
         ["[strategy]", "did you mean 'fedavg'"],
@@ -78,7 +82,7 @@ MALFORMED = {
     ),
     "ray option on the in-process engine": (
         'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[engine]\nnum_gpus = 1\n',
-        ["[engine]", "'num_gpus'", "valid keys: device, num_threads"],
+        ["[engine]", "'num_gpus'", "valid keys: name, device, num_threads"],
     ),
     "negative gpu share": (
         'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[engine]\nname = "ray"\nnum_gpus = -0.5\n',
