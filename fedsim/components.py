@@ -109,6 +109,23 @@ def make_engine(experiment: Experiment):
     return build(engine_cls, experiment.engine.params, "[engine]")
 
 
+def _refuse_a_siblings_key(table: str, name: str, component, params, siblings: dict[str, Any]) -> None:
+    """An unknown key that another component of the table takes (``alpha`` under ``iid``,
+    ``num_gpus`` under the in-process engine) most likely means the wrong ``name``: say so.
+    A near miss of one of the component's own keys is left to the usual suggestion."""
+    accepted = accepted_parameters(component)
+    for key in params:
+        if key in accepted or did_you_mean(key, ["name", *accepted]):
+            continue
+        owners = sorted(other for other, sibling in siblings.items() if key in accepted_parameters(sibling))
+        if owners:
+            shown = ", ".join(map(repr, owners[:3])) + (", ..." if len(owners) > 3 else "")
+            raise UserError(
+                f"[{table}] {key!r} is not an option of {table} {name!r} but of {shown}; "
+                f"set [{table}] name = {owners[0]!r} or remove {key}"
+            )
+
+
 def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] | None = None) -> Experiment:
     """Validate every component table without loading data, and fill in the defaults.
 
@@ -121,7 +138,15 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
     from fedsim.engine import ENGINES
     from fedsim.models import MODELS
     from partitioners import PARTITIONERS
+    from strategies import STRATEGIES
 
+    siblings = {
+        "dataset": {name: entry.loader for name, entry in DATASETS.items()},
+        "model": MODELS,
+        "partition": PARTITIONERS,
+        "strategy": STRATEGIES,
+        "engine": ENGINES,
+    }
     try:
         dataset = lookup(DATASETS, experiment.dataset.name, "dataset").loader
         model_cls = lookup(MODELS, experiment.model.name, "model")
@@ -146,6 +171,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
             params = {key: value for key, value in params.items() if key not in stale}
             for key in stale:
                 del data[table][key]
+            _refuse_a_siblings_key(table, getattr(experiment, table).name, component, params, siblings[table])
             params = validate_parameters(component, params, f"[{table}]", reserved=fixed, table_keys=["name"])
             data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
             for key, default in _defaults(component).items():
