@@ -25,10 +25,16 @@ def cut_counts(proportions: np.ndarray, group_sizes: np.ndarray) -> np.ndarray:
     """Groups x clients counts from per-group proportions over clients (rows sum to 1).
 
     Each group is cut at ``floor(cumsum(p) * n)``, so the counts of a group sum to its
-    size exactly (every sample is dealt) and each count is within one of ``p * n``.
+    size exactly (every sample is dealt) and each count is within one of ``p * n``. A
+    client with ``p = 0`` gets nothing of the group, even when rounding leaves a remainder.
     """
-    cuts = np.floor(np.cumsum(proportions, axis=1) * group_sizes[:, None]).astype(np.int64)
-    cuts[:, -1] = group_sizes
+    proportions = np.asarray(proportions, dtype=float)
+    cumulative = np.minimum(np.cumsum(proportions, axis=1), 1.0)
+    # The cumulative share reaches exactly 1 at the last client with a positive share (a
+    # float cumsum can stop at 0.999..., and the remainder must not fall to a client after it).
+    last_positive = proportions.shape[1] - 1 - np.argmax(proportions[:, ::-1] > 0, axis=1)
+    cumulative[np.arange(proportions.shape[1]) >= last_positive[:, None]] = 1.0
+    cuts = np.floor(cumulative * group_sizes[:, None]).astype(np.int64)
     return np.diff(cuts, axis=1, prepend=0)
 
 

@@ -44,7 +44,9 @@ def mixture_counts(
     replacement (a group that runs out is dropped from the mixes of those still filling).
     ``sizes="fit"``: the authors' rule; client sizes n solve sum_i n_i p_i = group sizes in
     the least-squares sense, client i takes round(n_i p_ik) of group k, and the mixes are
-    redrawn until every client holds ``min_size`` and no group is over-drawn.
+    redrawn until every client holds ``min_size`` and no group is over-drawn. Near-uniform
+    mixes make that system ill-conditioned (its exact solutions swing to negative sizes), so
+    at concentrations of about 50 per group and above most draws fail: use "equal" there.
     """
     present = np.flatnonzero(group_sizes)  # a group with no samples can take no share
     available = group_sizes[present]
@@ -83,7 +85,8 @@ def _fitted_counts(available, concentration, num_clients, min_size, max_draws, r
         batch *= 2
     raise ValueError(
         f"sizes='fit' found no draw in {max_draws} where every client holds min_size={min_size} and no group "
-        "is over-drawn; use sizes='equal', raise max_draws, or lower min_size"
+        "is over-drawn (near-uniform mixes, from a large alpha or beta, rarely admit one); "
+        "use sizes='equal', raise max_draws, or lower min_size"
     )
 
 
