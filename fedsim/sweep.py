@@ -104,8 +104,8 @@ class SweepResult:
 
 
 def make_spec(config: str | Path, grid_options: list[str], seeds_option: str | None, overrides: list[str]) -> SweepSpec:
-    """The sweep of ``config``'s ``[sweep]`` table, with ``--grid`` keys added or replaced
-    and ``--seeds`` replacing its seeds."""
+    """The sweep of ``config``'s ``[sweep]`` table, with ``--grid`` keys added or replaced,
+    ``--seeds`` replacing its seeds, and ``--set`` fixing a key the table would vary."""
     config = Path(config)
     table = load_sweep_table(config)
     for key in table:
@@ -121,6 +121,12 @@ def make_spec(config: str | Path, grid_options: list[str], seeds_option: str | N
             raise UserError(f"--grid {key} is given twice; list all its values in one --grid {key}=v1,v2")
         given.add(key)
         grid[key] = values
+    for text in overrides:
+        fixed = ".".join(parse_override(text)[0])
+        for key in [key for key in grid if _overlap(key, fixed)]:
+            if key in given:
+                raise UserError(f"--set {fixed} and --grid {key} both set {min(key, fixed, key=len)}; keep one of them")
+            del grid[key]  # the command line fixes what the file's [sweep] grid would vary
     if seeds_option is not None:
         seeds = parse_seeds(seeds_option)
     elif "seeds" in table:
@@ -128,6 +134,11 @@ def make_spec(config: str | Path, grid_options: list[str], seeds_option: str | N
     else:
         seeds = None
     return SweepSpec(config, grid, seeds, list(overrides))
+
+
+def _overlap(key: str, other: str) -> bool:
+    """Whether two dotted keys set some value in common: ``strategy`` and ``strategy.name`` do."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
 
 
 def parse_grid_option(text: str) -> tuple[str, list[Any]]:

@@ -297,6 +297,16 @@ def test_the_sweep_table_is_read_by_sweep_and_ignored_by_run(tmp_path):
     assert [run.name for run in runs] == ["lr0.3-num_clients2-s5", "lr0.3-num_clients3-s5"]
 
 
+def test_set_fixes_a_key_the_sweep_table_would_vary(tmp_path):
+    config = write_config(tmp_path, SWEEP_TABLE)
+    runs = plan_runs(make_spec(config, [], "0", ["client.lr=0.7"]))
+    assert [(run.name, run.experiment.client.lr) for run in runs] == [("s0", 0.7)]
+    runs = plan_runs(make_spec(config, [], "0", ["client={lr=0.7}"]))  # a whole table covers its keys
+    assert [run.experiment.client.lr for run in runs] == [0.7]
+    with pytest.raises(UserError, match="--set client.lr and --grid client.lr both set client.lr"):
+        make_spec(config, ["client.lr=0.3,0.4"], None, ["client.lr=0.7"])
+
+
 def test_a_sweep_grid_table_may_nest_its_keys(tmp_path):
     config = write_config(tmp_path, '\n[sweep.grid]\nstrategy.name = ["fedavg", "fedprox"]\n')
     assert [run.name for run in plan_runs(make_spec(config, [], None, []))] == ["fedavg-s0", "fedprox-s0"]

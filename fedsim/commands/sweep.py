@@ -21,7 +21,8 @@ Grid values are TOML values, as with --set; commas inside [...], {...} or quotes
 split, so a list value is written as a TOML list (quote it for the shell). A value of a
 whole table, as in the strategy example, sets several keys of that table together and
 keeps its other keys. The grid can also live in the experiment file, which `fedsim run`
-ignores; --grid adds or replaces its keys, --seeds replaces its seeds:
+ignores; --grid adds or replaces its keys, --set fixes a key it would vary (the grid
+then leaves that key alone), --seeds replaces its seeds:
 
   [sweep]
   seeds = [0, 1, 2]
