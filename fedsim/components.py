@@ -109,23 +109,6 @@ def make_engine(experiment: Experiment):
     return build(engine_cls, experiment.engine.params, "[engine]")
 
 
-def _refuse_a_siblings_key(table: str, name: str, component, params, siblings: dict[str, Any]) -> None:
-    """An unknown key that another component of the table takes (``alpha`` under ``iid``,
-    ``num_gpus`` under the in-process engine) most likely means the wrong ``name``: say so.
-    A near miss of one of the component's own keys is left to the usual suggestion."""
-    accepted = accepted_parameters(component)
-    for key in params:
-        if key in accepted or did_you_mean(key, ["name", *accepted]):
-            continue
-        owners = sorted(other for other, sibling in siblings.items() if key in accepted_parameters(sibling))
-        if owners:
-            shown = ", ".join(map(repr, owners[:3])) + (", ..." if len(owners) > 3 else "")
-            raise UserError(
-                f"[{table}] {key!r} is not an option of {table} {name!r} but of {shown}; "
-                f"set [{table}] name = {owners[0]!r} or remove {key}"
-            )
-
-
 def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] | None = None) -> Experiment:
     """Validate every component table without loading data, and fill in the defaults.
 
@@ -140,13 +123,6 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
     from partitioners import PARTITIONERS
     from strategies import STRATEGIES
 
-    siblings = {
-        "dataset": {name: entry.loader for name, entry in DATASETS.items()},
-        "model": MODELS,
-        "partition": PARTITIONERS,
-        "strategy": STRATEGIES,
-        "engine": ENGINES,
-    }
     try:
         dataset = lookup(DATASETS, experiment.dataset.name, "dataset").loader
         model_cls = lookup(MODELS, experiment.model.name, "model")
@@ -156,23 +132,23 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         trainer_class(strategy_cls)
         strategy_fixed = _strategy_defaults(experiment, num_clients=1)
         strategy_fixed["min_available_nodes"] = None  # known only once the partition exists
-        tables = {
-            "dataset": (dataset, {}),
-            "model": (model_cls, {"input_shape": None, "num_classes": None}),
-            "partition": (partitioner_cls, {}),
-            "strategy": (strategy_cls, strategy_fixed),
-            "engine": (engine_cls, {}),
+        tables = {  # table: (its component, what fedsim fills in, the registry the name picks from)
+            "dataset": (dataset, {}, {name: entry.loader for name, entry in DATASETS.items()}),
+            "model": (model_cls, {"input_shape": None, "num_classes": None}, MODELS),
+            "partition": (partitioner_cls, {}, PARTITIONERS),
+            "strategy": (strategy_cls, strategy_fixed, STRATEGIES),
+            "engine": (engine_cls, {}, ENGINES),
         }
         data = experiment.to_dict()
         data["model"].update(_required_model_options(strategy_cls, model_cls, experiment))
-        for table, (component, fixed) in tables.items():
+        for table, (component, fixed, registry) in tables.items():
             params = getattr(experiment, table).params
             stale = {key for key in (inherited or {}).get(table, ()) if key not in accepted_parameters(component)}
             params = {key: value for key, value in params.items() if key not in stale}
             for key in stale:
                 del data[table][key]
-            _refuse_a_siblings_key(table, getattr(experiment, table).name, component, params, siblings[table])
-            params = validate_parameters(component, params, f"[{table}]", reserved=fixed, table_keys=["name"])
+            chosen = (getattr(experiment, table).name, registry)
+            params = validate_parameters(component, params, f"[{table}]", reserved=fixed, chosen=chosen)
             data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
             for key, default in _defaults(component).items():
                 if key not in data[table] and key not in fixed:

@@ -123,27 +123,44 @@ def first_error_line(error: pydantic.ValidationError) -> tuple[tuple[Any, ...], 
     return tuple(first["loc"]), first.get("input"), message
 
 
+def _refuse_another_components_key(key: str, where: str, name: str, registry: Mapping[str, Callable[..., Any]]) -> None:
+    """A key that other components of the registry take most likely means the wrong name: say so."""
+    owners = sorted(other for other, component in registry.items() if key in accepted_parameters(component))
+    if owners:
+        shown = ", ".join(map(repr, owners[:3])) + (", ..." if len(owners) > 3 else "")
+        table = where.strip("[]")
+        raise UserError(
+            f"{where} {key!r} is not an option of {table} {name!r} but of {shown}; "
+            f"set {where} name = {owners[0]!r} or remove {key}"
+        )
+
+
 def validate_parameters(
     component: Callable[..., Any],
     params: Mapping[str, Any],
     where: str,
     reserved: Iterable[str] = (),
-    table_keys: Iterable[str] = (),
+    chosen: tuple[str, Mapping[str, Callable[..., Any]]] | None = None,
 ) -> dict[str, Any]:
     """Check ``params`` against ``component``'s signature and coerce them to its types.
 
     ``where`` prefixes every error (for example ``"[partition]"``). ``reserved`` names
     parameters that fedsim fills in itself and that the user may therefore omit.
-    ``table_keys`` are the table's own keys besides the parameters (``name``), offered
-    too when an unknown key is close to one. Unknown keys, missing required keys and
-    values of the wrong type each raise a one-line UserError.
+    ``chosen`` is ``(name, registry)`` when the table's ``name`` key picked the component
+    from a registry: ``name`` is then a valid key too, and an unknown key that only other
+    components of the registry take (``alpha`` under ``iid``) is reported as the wrong
+    ``name``. Unknown keys, missing required keys and values of the wrong type each raise
+    a one-line UserError.
     """
     accepted = accepted_parameters(component)
     hints = _type_hints(component)
     reserved = set(reserved)
+    table_keys = ["name"] if chosen else []
     for key in params:
         if key not in accepted:
             hint = did_you_mean(key, [*table_keys, *accepted])
+            if not hint and chosen:
+                _refuse_another_components_key(key, where, *chosen)
             if not hint:
                 settable = [*table_keys, *(name for name in accepted if name not in reserved)]
                 hint = f" (valid keys: {', '.join(settable)})" if settable else " (it takes no keys)"

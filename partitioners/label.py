@@ -55,7 +55,7 @@ class Pathological(Partitioner):
                 f"{int(holder_count[c, 0])} holders; lower num_clients or classes_per_client"
             )
         shares = np.divide(holders, holder_count, out=np.zeros_like(holders), where=holder_count > 0)
-        counts = cut_counts(shares, np.bincount(y) * (holder_count[:, 0] > 0))
+        counts = cut_counts(shares, class_sizes * (holder_count[:, 0] > 0))
         return Partition(deal(y, counts, rng), y)
 
 
