@@ -42,14 +42,25 @@ def plot_training(metrics: pd.DataFrame, path: Path, title: str) -> None:
         axis.set_xlabel("round")
         axis.set_ylabel(quantity)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:
+            axis.legend(fontsize=8)
     axes[0].set_ylim(0, 1)
     figure.suptitle(title)
     save_figure(figure, path)
 
 
+HEATMAP_MAX_CLIENTS = 100  # more rows than this blur into one another at any figure size
+
+
 def plot_heatmap(matrix: np.ndarray, path: Path, title: str, column_label: str, columns=None) -> None:
-    """A clients x groups heatmap of sample counts, annotated when small enough to read."""
+    """A clients x groups heatmap of sample counts, annotated when small enough to read.
+
+    Beyond ``HEATMAP_MAX_CLIENTS`` clients only the first ones are drawn, and the title
+    says so: 10,000 rows squeezed into a thousand pixels show nothing.
+    """
+    if len(matrix) > HEATMAP_MAX_CLIENTS:
+        title = f"{title}\n(the first {HEATMAP_MAX_CLIENTS} of {len(matrix):,} clients)"
+        matrix = matrix[:HEATMAP_MAX_CLIENTS]
     num_clients, num_columns = matrix.shape
     figure, axis = plt.subplots(figsize=(min(2 + 0.45 * num_columns, 14), min(1.5 + 0.3 * num_clients, 12)))
     image = axis.imshow(matrix, aspect="auto", cmap="viridis")

@@ -36,11 +36,17 @@ def split_dataset(experiment: Experiment, dataset: Dataset) -> Partition:
 
 def partition_inputs(experiment: Experiment, dataset: Dataset, partitioner: Partitioner) -> dict[str, Any]:
     """The per-sample inputs besides labels that ``partitioner.requires``: the dataset's
-    domains, and embeddings made by the partitioner's embedder (pixels by default)."""
+    domains and natural groups, and embeddings made by the partitioner's embedder (pixels
+    by default)."""
     if "domains" in partitioner.requires and dataset.domain_train is None:
         raise UserError(
             f"[partition] name = {experiment.partition.name!r} splits by domain, but dataset "
             f"{dataset.name!r} has no domains; choose a multi-domain dataset (`fedsim list` shows them)"
+        )
+    if "groups" in partitioner.requires and dataset.group_train is None:
+        raise UserError(
+            f"[partition] name = {experiment.partition.name!r} gives each client one natural group, but dataset "
+            f"{dataset.name!r} has none; choose a dataset of devices such as 'synthetic'"
         )
     embeddings = None
     if "embeddings" in partitioner.requires:
@@ -50,7 +56,7 @@ def partition_inputs(experiment: Experiment, dataset: Dataset, partitioner: Part
             getattr(partitioner, "embedder", "pixels"),
             getattr(partitioner, "embedder_options", None),
         )
-    return {"domains": dataset.domain_train, "embeddings": embeddings}
+    return {"domains": dataset.domain_train, "embeddings": embeddings, "groups": dataset.group_train}
 
 
 def dataset_embeddings(

@@ -8,7 +8,7 @@ Every scheme follows one contract (see :mod:`partitioners.base`)::
     partition.skew()          # per-client Hellinger / Jensen-Shannon / EMD, Gini of sizes
 
 Schemes that need more than labels say so in ``requires`` (``"domains"``,
-``"embeddings"``). To use any of them from Flower Datasets, see :mod:`partitioners.flower`.
+``"embeddings"``, ``"groups"``). To use any of them from Flower Datasets, see :mod:`partitioners.flower`.
 """
 
 from partitioners.base import Partition, Partitioner
@@ -19,6 +19,7 @@ from partitioners.embedding import EmbeddingClusters
 from partitioners.iid import IID
 from partitioners.label import Pathological, Shards
 from partitioners.mixture import LabelMixture
+from partitioners.natural import NaturalPartitioner
 from partitioners.quantity import QuantitySkew
 from partitioners.skew import SkewReport, measure_skew
 
@@ -33,6 +34,7 @@ PARTITIONERS: dict[str, type[Partitioner]] = {
     "domain": DomainPerClient,
     "domain-mixture": DomainMixture,
     "domain-lds": LabelDomainSkew,
+    "natural": NaturalPartitioner,
 }
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "IID",
     "LabelDomainSkew",
     "LabelMixture",
+    "NaturalPartitioner",
     "Partition",
     "Partitioner",
     "Pathological",

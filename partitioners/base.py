@@ -1,9 +1,9 @@
 """The Partition object and the Partitioner contract shared by every split scheme.
 
 A partitioner is built from its parameters, in the manner of scikit-learn's splitters,
-and its ``split(y, *, domains=None, embeddings=None, seed)`` returns a :class:`Partition`:
-one integer index array per client into ``y``. Impossible parameters raise a ValueError
-that names the parameter and says why.
+and its ``split(y, *, domains=None, embeddings=None, groups=None, seed)`` returns a
+:class:`Partition`: one integer index array per client into ``y``. Impossible parameters
+raise a ValueError that names the parameter and says why.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ class Partitioner(ABC):
     """Base class: store parameters in ``__init__`` (checked there), split in ``split``.
 
     ``requires`` names the per-sample inputs besides labels that the scheme needs
-    (``"domains"`` or ``"embeddings"``); fedsim passes them when the dataset has them.
+    (``"domains"``, ``"embeddings"`` or ``"groups"``, the natural groups such as devices);
+    fedsim passes them when the dataset has them.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
@@ -148,6 +149,7 @@ class Partitioner(ABC):
         *,
         domains: np.ndarray | None = None,
         embeddings: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
         seed: int = 0,
     ) -> Partition:
         """Return the partition of ``y`` for this seed."""

@@ -58,7 +58,7 @@ class Dirichlet(Partitioner):
         self.max_draws = max_draws
         self.balance = bool(balance)
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         check_min_size(self.min_size, self.num_clients, len(y))
         rng = np.random.default_rng(seed)

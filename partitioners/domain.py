@@ -56,7 +56,7 @@ class DomainPerClient(Partitioner):
             raise ValueError(f"fraction must be a number with 0 < fraction <= 1, got {fraction!r}")
         self.fraction = float(fraction)
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         domains = check_group_ids("domains", domains, len(y))
         domain_ids, per_domain = _domains_per_client(domains, self.num_clients)
@@ -96,7 +96,7 @@ class DomainMixture(MixtureOptions, Partitioner):
         self.beta = float(beta)
         self._set_mixture_options(sizes, min_size, max_draws)
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         domains = check_group_ids("domains", domains, len(y))
         rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ class LabelDomainSkew(Partitioner):
         self.min_size = min_size
         self.max_draws = max_draws
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         domains = check_group_ids("domains", domains, len(y))
         domain_ids, per_domain = _domains_per_client(domains, self.num_clients)

@@ -85,7 +85,7 @@ class EmbeddingClusters(MixtureOptions, Partitioner):
         cluster_ids[embedded] = kmeans.fit_predict(embeddings[embedded])
         return cluster_ids
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         if embeddings is None:
             raise ValueError("this scheme needs embeddings: pass split(y, embeddings=...) with one row per sample")

@@ -10,7 +10,7 @@ from partitioners.base import Partition, Partitioner, check_labels
 class IID(Partitioner):
     """IID: shuffle the samples and deal them out in near-equal parts."""
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         if self.num_clients > len(y):
             raise ValueError(f"num_clients={self.num_clients} exceeds the {len(y)} samples; lower num_clients")

@@ -30,7 +30,7 @@ class Pathological(Partitioner):
         check_integer("classes_per_client", classes_per_client, minimum=1)
         self.classes_per_client = classes_per_client
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         classes = np.flatnonzero(np.bincount(y))
         if self.classes_per_client > len(classes):
@@ -79,7 +79,7 @@ class Shards(Partitioner):
         check_integer("shards_per_client", shards_per_client, minimum=1)
         self.shards_per_client = shards_per_client
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         num_shards = self.num_clients * self.shards_per_client
         if num_shards > len(y):

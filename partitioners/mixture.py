@@ -152,7 +152,7 @@ class LabelMixture(MixtureOptions, Partitioner):
         self.alpha = float(alpha)
         self._set_mixture_options(sizes, min_size, max_draws)
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         rng = np.random.default_rng(seed)
         class_sizes = np.bincount(y)

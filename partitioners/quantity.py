@@ -59,7 +59,7 @@ class QuantitySkew(Partitioner):
         self.exponent = float(exponent)
         self.min_size = min_size
 
-    def split(self, y, *, domains=None, embeddings=None, seed: int = 0) -> Partition:
+    def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         check_min_size(self.min_size, self.num_clients, len(y))
         if self.num_clients > len(y):

@@ -61,6 +61,29 @@ def hellinger(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(1.0 - np.sqrt(p * q[None, :]).sum(axis=1), 0.0, None))
 
 
+def group_hellinger(partition: Partition, group_ids: np.ndarray) -> np.ndarray:
+    """Hellinger distance of each client's distribution over a per-sample group (cluster,
+    domain) to the federation's, NaN for an empty client.
+
+    Summed over the (client, group) pairs that occur rather than over a clients x groups
+    matrix: memory grows with the samples, not with clients times groups (10,000 clients
+    of one group each would make that matrix 10,000 x 10,000).
+    """
+    sizes = partition.sizes
+    clients = np.repeat(np.arange(partition.num_clients), sizes)
+    groups = np.asarray(group_ids, dtype=np.int64)[partition.assigned()]
+    num_groups = int(groups.max()) + 1 if groups.size else 1
+    pairs, counts = np.unique(clients * num_groups + groups, return_counts=True)
+    client_of, group_of = np.divmod(pairs, num_groups)
+    q = np.bincount(groups, minlength=num_groups) / max(len(groups), 1)
+    affinity = np.bincount(
+        client_of, weights=np.sqrt(counts / sizes[client_of] * q[group_of]), minlength=partition.num_clients
+    )
+    distances = np.sqrt(np.clip(1.0 - affinity, 0.0, None))
+    distances[sizes == 0] = np.nan
+    return distances
+
+
 def gini(sizes: np.ndarray) -> float:
     """Gini coefficient of non-negative sizes: 0 for equal sizes, towards 1 for one holding all."""
     sizes = np.sort(np.asarray(sizes, dtype=float))
@@ -158,8 +181,7 @@ def measure_skew(partition: Partition, embeddings: np.ndarray | None = None) -> 
         }
     )
     for name, group_ids in sorted(partition.groups.items()):
-        groups = partition.group_matrix(group_ids, max(int(group_ids.max()) + 1, 1))
-        table[f"hellinger_{name}"] = hellinger(distributions(groups), groups.sum(axis=0) / max(groups.sum(), 1))
+        table[f"hellinger_{name}"] = group_hellinger(partition, group_ids)
     if embeddings is not None:
         table["frechet"] = frechet_distances(np.asarray(embeddings), partition.client_indices)
         table["mmd"] = mmd_distances(np.asarray(embeddings), partition.client_indices)

@@ -18,6 +18,7 @@ from partitioners import (
     EmbeddingClusters,
     LabelDomainSkew,
     LabelMixture,
+    NaturalPartitioner,
     Partition,
     Pathological,
     QuantitySkew,
@@ -56,6 +57,7 @@ SCHEMES = {
     "domain-mixture": (lambda k: DomainMixture(max(k, 4), beta=1.0, min_size=1), False, True),
     "domain-mixture-equal": (lambda k: DomainMixture(k, beta=0.5, sizes="equal", min_size=3), True, True),
     "domain-lds": (lambda k: LabelDomainSkew(k - k % 4, beta=1.0, min_size=1), False, True),
+    "natural": (lambda k: NaturalPartitioner(4), True, False),  # the natural groups are make_data's 4 domains
 }
 
 
@@ -74,7 +76,7 @@ def test_partition_contract(name, seed, n, classes, clients):
     factory, covers, has_min_size = SCHEMES[name]
     y, domains, embeddings = make_data(seed, n, classes)
     partitioner = factory(clients)
-    partition = partitioner.split(y, domains=domains, embeddings=embeddings, seed=seed)
+    partition = partitioner.split(y, domains=domains, embeddings=embeddings, groups=domains, seed=seed)
 
     assert partition.num_clients == partitioner.num_clients
     dealt = check_disjoint_and_in_range(partition, n)
@@ -87,7 +89,7 @@ def test_partition_contract(name, seed, n, classes, clients):
         assert len(dealt) == n, "the scheme promises to deal every sample"
     if has_min_size:
         assert partition.sizes.min() >= partitioner.min_size
-    again = partitioner.split(y, domains=domains, embeddings=embeddings, seed=seed)
+    again = partitioner.split(y, domains=domains, embeddings=embeddings, groups=domains, seed=seed)
     assert again == partition, "the same seed must give the same split"
 
 

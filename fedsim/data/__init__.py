@@ -35,6 +35,8 @@ from fedsim.data.imagefolder import (
     load_pacs,
 )
 from fedsim.data.svhn import load_svhn
+from fedsim.data.synthetic import CLASSES as SYNTHETIC_CLASSES
+from fedsim.data.synthetic import load_synthetic
 from fedsim.data.transforms import InputTransform, parse_transform, with_transform_domains
 from fedsim.data.usps import load_usps
 from fedsim.registry import build, lookup
@@ -64,6 +66,12 @@ DATASETS: dict[str, DatasetInfo] = {
         (3, 28, 28),
         DIGIT_CLASSES,
         DIGITS_DOMAINS,
+    ),
+    "synthetic": DatasetInfo(
+        load_synthetic,
+        "FedProx's Synthetic(alpha, beta), generated: one natural group per device, 30 by default",
+        (60,),
+        SYNTHETIC_CLASSES,
     ),
     "mnist": DatasetInfo(load_mnist, "MNIST, 60,000 + 10,000 digits", (1, 28, 28), DIGIT_CLASSES, offline=False),
     "fashion-mnist": DatasetInfo(

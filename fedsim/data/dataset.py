@@ -17,6 +17,9 @@ class Dataset:
 
     ``x_*`` are float32 arrays of shape (N, C, H, W) or (N, D); ``y_*`` are int64 labels.
     ``domain_*`` hold a domain id per sample for multi-domain data, else None.
+    ``group_train`` holds, for datasets made of natural groups (the devices of a
+    federated benchmark, writers, speakers), an int64 group id per training sample, else
+    None; the ``natural`` partitioner gives each client one group.
     """
 
     name: str
@@ -28,6 +31,7 @@ class Dataset:
     domains: tuple[str, ...] = ()
     domain_train: np.ndarray | None = None
     domain_test: np.ndarray | None = None
+    group_train: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
