@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from fedsim.commands import COMMANDS
 from fedsim.errors import ClientFailure, UserError
+from fedsim.flower_log import quiet_flower
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    quiet_flower(getattr(args, "verbose", False))  # before an experiment builds its strategy
     try:
         return args.handler(args)
     except UserError as error:

@@ -1,14 +1,19 @@
 """The generic Flower ClientApp that runs any registered algorithm's client trainer.
 
 The app closes over a :class:`~fedsim.environment.RunEnvironment`, small and picklable,
-so that Ray can ship it to its actors.
+so that Ray can ship it to its actors; the data, the model and the trainer come from the
+process's :class:`~fedsim.worker.Worker`. Under Flower's own runtime (``flwr run``), where
+the app is imported rather than shipped, it closes over a function that finds the run's
+environment from the message's :class:`~flwr.app.Context` instead.
 
 A client learns who it is from ``context.node_config["partition-id"]`` and everything
 else from the message: the global arrays and the round's config (server round and local
-training settings). It keeps its own state in a :class:`~fedsim.state.ClientStateStore`.
+training settings). It keeps its own state in the worker's :class:`~fedsim.state.ClientStateStore`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,9 +23,10 @@ from flwr.common.constant import PARTITION_ID_KEY
 
 from fedsim.data import ClientData
 from fedsim.environment import RunEnvironment
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
 from fedsim.trainer import RoundConfig
 from fedsim.training import classification_metrics
+from fedsim.worker import worker_for
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -52,43 +58,48 @@ def only(records: dict, kind: str):
     return next(iter(records.values()))
 
 
-def make_client_app(env: RunEnvironment) -> ClientApp:
-    """The ClientApp: train, evaluate, and a query that tells the server who this node is."""
+def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -> ClientApp:
+    """The ClientApp: train, evaluate, and a query that tells the server who this node is.
+
+    ``env`` is the run's environment, or a function that returns it for a message's
+    context, called for every message (so it should cache what it builds).
+    """
     app = ClientApp()
+    environment_for = env if callable(env) else (lambda _context: env)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        device = env.enter()
+        env = environment_for(context)
+        worker = worker_for(env)
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"))
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
         server_round = config.server_round
         seed = derive_seed(env.experiment.seed, "train", server_round, client)
-        torch.manual_seed(seed)  # dropout and any other global-RNG draw in the model
-        store = env.state_store
-        data = env.client_data(client)
-        result = env.trainer().train(
-            env.new_model(),
+        seed_torch_globally(seed, worker.device)  # dropout and any other global-RNG draw in the model
+        data = worker.client_data(client)
+        result = worker.trainer.train(
+            worker.model(),
             only(message.content.array_records, "ArrayRecord"),
             data,
             config,
-            store.load(client, server_round - 1),
+            worker.state_store.load(client, server_round - 1),
             torch_generator(seed),
-            device,
+            worker.device,
         )
-        store.save(client, server_round, result.state)
+        worker.state_store.save(client, server_round, result.state)
         metrics = MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})
         return Message(RecordDict({ARRAYS_KEY: result.arrays, METRICS_KEY: metrics}), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        device = env.enter()
+        worker = worker_for(environment_for(context))
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"))
-        data = env.client_data(client)
-        state = env.state_store.load(client, config.server_round)
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
+        data = worker.client_data(client)
+        state = worker.state_store.load(client, config.server_round)
         arrays = only(message.content.array_records, "ArrayRecord")
-        logits = env.trainer().predict(env.new_model(), arrays, data, config, state, device)
-        metrics = evaluation_metrics(logits, data, len(env.dataset().domains))
+        logits = worker.trainer.predict(worker.model(), arrays, data, config, state, worker.device)
+        metrics = evaluation_metrics(logits, data, len(worker.dataset.domains))
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
 
     @app.query()

@@ -84,7 +84,7 @@ class StrategyTable(ComponentTable):
 
 
 class EngineTable(ComponentTable):
-    name: Literal["inprocess", "ray"] = "inprocess"
+    name: Literal["inprocess", "ray", "flower"] = "inprocess"
 
 
 class ClientTable(_Table):
@@ -105,7 +105,8 @@ class Experiment(_Table):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
     rounds: int = Field(ge=1)
-    evaluate_every: int = Field(1, ge=1)  # rounds between evaluations; the last round always
+    # rounds between evaluations, and always after the last; 0 = never (benchmarks, pure training)
+    evaluate_every: int = Field(1, ge=0)
     description: str = ""
     dataset: DatasetTable = DatasetTable()
     partition: PartitionTable = PartitionTable()

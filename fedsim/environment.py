@@ -1,9 +1,9 @@
 """What every process of a run needs to rebuild its world, small enough to pickle.
 
-Ray ships the ClientApp, and with it this object, to its actors with every message, so
-it holds only the experiment, the run directory and the engine's device and thread
-settings. Everything heavy (the dataset, the partition, each client's data view) is
-loaded lazily, once per process, and cached.
+Engines ship the ClientApp, and with it this object, to other processes (Ray actors,
+Flower's runtime), so it holds only the experiment, the run directory and the engine's
+device and thread settings. Everything heavy is loaded once per process by that
+process's :class:`fedsim.worker.Worker`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ from pathlib import Path
 import torch
 
 from fedsim.config import Experiment
-from fedsim.data import ClientData, Dataset, client_view, load_dataset
+from fedsim.data import Dataset, load_dataset
 from fedsim.models import build_model
-from fedsim.seeding import derive_seed
-from fedsim.state import ClientStateStore
-from fedsim.trainer import ClientTrainer
 from fedsim.training import resolve_device
-from partitioners import Partition
 
 
 @dataclass(frozen=True)
@@ -30,6 +26,11 @@ class RunEnvironment:
     run_dir: Path
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads per client; None = torch's default
+
+    @functools.cached_property
+    def key(self) -> tuple:
+        """What tells runs apart, cheap to compare (unlike the experiment itself)."""
+        return (str(self.run_dir), self.experiment.fingerprint(), self.device, self.threads)
 
     def enter(self, server: bool = False) -> torch.device:
         """Apply the thread setting to this process and return the torch device (for the
@@ -43,57 +44,11 @@ class RunEnvironment:
             torch.set_num_threads(self.threads)
         return resolve_device(self.device, fall_back_to_cpu=server)
 
-    @property
-    def state_store(self) -> ClientStateStore:
-        return ClientStateStore(self.run_dir / "client_state")
-
     def dataset(self) -> Dataset:
         return load_dataset(self.experiment.dataset.name, **self.experiment.dataset.params)
-
-    def partition(self) -> Partition:
-        return _load_partition(self.run_dir / "partition.npz")
-
-    def client_data(self, client: int) -> ClientData:
-        run_key = (str(self.run_dir), self.experiment.fingerprint())
-        views = _VIEWS.get(run_key)
-        if views is None:  # a process keeps only the current run's views
-            _VIEWS.clear()
-            views = _VIEWS[run_key] = {}
-        if client not in views:
-            seed = derive_seed(self.experiment.seed, "local-split", client)
-            views[client] = client_view(
-                self.dataset(), self.partition()[client], self.experiment.client.local_test_fraction, seed
-            )
-        return views[client]
 
     def new_model(self) -> torch.nn.Module:
         dataset = self.dataset()
         return build_model(
             self.experiment.model.name, dataset.input_shape, dataset.num_classes, **self.experiment.model.params
         )
-
-    def trainer(self) -> ClientTrainer:
-        return _trainer_class(self.experiment.strategy.name)()
-
-
-_VIEWS: dict[tuple[str, str], dict[int, ClientData]] = {}
-
-
-@functools.cache
-def _trainer_class(strategy_name: str) -> type[ClientTrainer]:
-    """Resolved once per process: a plugin name would otherwise scan the entry points for
-    every message."""
-    from fedsim.components import resolve_strategy, trainer_class
-
-    return trainer_class(resolve_strategy(strategy_name))
-
-
-_PARTITIONS: dict[tuple[str, float], Partition] = {}
-
-
-def _load_partition(path: Path) -> Partition:
-    key = (str(path), path.stat().st_mtime)
-    if key not in _PARTITIONS:
-        _PARTITIONS.clear()
-        _PARTITIONS[key] = Partition.load(path)
-    return _PARTITIONS[key]

@@ -125,7 +125,8 @@ def first_error_line(error: pydantic.ValidationError) -> tuple[tuple[Any, ...], 
 
 def _refuse_another_components_key(key: str, where: str, name: str, registry: Mapping[str, Callable[..., Any]]) -> None:
     """A key that other components of the registry take most likely means the wrong name: say so."""
-    owners = sorted(other for other, component in registry.items() if key in accepted_parameters(component))
+    # in the registry's order, which puts the recommended component first (ray before flower)
+    owners = [other for other, component in registry.items() if key in accepted_parameters(component)]
     if owners:
         shown = ", ".join(map(repr, owners[:3])) + (", ..." if len(owners) > 3 else "")
         table = where.strip("[]")

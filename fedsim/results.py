@@ -62,6 +62,7 @@ class Checkpoint:
     strategy: Any
     metrics_bytes: int
     elapsed_s: float
+    rounds_time_s: float = 0.0
 
 
 class RunDirectory:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import platform
 import time
@@ -21,8 +20,9 @@ from fedsim.components import check_model, make_engine
 from fedsim.config import Experiment
 from fedsim.data import load_dataset
 from fedsim.environment import RunEnvironment
+from fedsim.flower_log import quiet_flower
 from fedsim.plots import plot_training
-from fedsim.results import RunDirectory
+from fedsim.results import Checkpoint, RunDirectory
 from fedsim.serverapp import Federation
 from fedsim.splitting import describe_partition, split_dataset
 from partitioners import Partition
@@ -41,10 +41,45 @@ def default_out(experiment: Experiment) -> Path:
     return Path("runs") / f"{experiment.name}-{experiment.fingerprint()}"
 
 
-def quiet_flower(verbose: bool = False) -> None:
-    """Flower logs every sampling and aggregation step at INFO, and a client's traceback
-    at ERROR; fedsim reports failures itself, so Flower speaks only with ``verbose``."""
-    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+@dataclass
+class PreparedRun:
+    """A run directory ready for the federation: new (config, partition and its figures
+    written), or to be resumed from its checkpoint, or already finished."""
+
+    run: RunDirectory
+    status: str  # "new", "resume" or "finished"
+    partition: Partition | None
+    checkpoint: Checkpoint | None
+    started: float  # time.monotonic() when the command began
+
+
+def prepare_run(experiment: Experiment, out: str | Path | None = None, *, overwrite: bool = False) -> PreparedRun:
+    """Everything before the first round: the run directory, the data's partition (new, or
+    read back with the checkpoint of an interrupted run). A bad model fails here, before
+    anything is written."""
+    started = time.monotonic()
+    run = RunDirectory(out if out is not None else default_out(experiment))
+    status = run.status(experiment, overwrite)
+    if status == "finished":
+        return PreparedRun(run, status, None, None, started)
+    if status == "resume":
+        return PreparedRun(run, status, Partition.load(run.partition), run.load_checkpoint(), started)
+    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
+    check_model(experiment, dataset.input_shape, dataset.num_classes)
+    partition = split_dataset(experiment, dataset)
+    run.start(experiment)
+    partition.save(run.partition)
+    describe_partition(experiment, dataset, partition, run.path, labels_plot="partition.png")
+    return PreparedRun(run, status, partition, None, started)
+
+
+def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
+    """After the last round: summary.json and the training plot."""
+    summary = make_summary(experiment, federation, prepared.partition, federation.elapsed())
+    run = prepared.run
+    plot_training(run.read_metrics(), run.plots / "accuracy.png", f"{experiment.name}: {experiment.strategy.name}")
+    run.write_summary(summary)
+    return RunResult(run.path, summary, prepared.status)
 
 
 def run_experiment(
@@ -59,36 +94,19 @@ def run_experiment(
 
     ``progress`` shows a progress bar; ``verbose`` lets Flower's own log through.
     """
-    started = time.monotonic()
     quiet_flower(verbose)
-    run = RunDirectory(out if out is not None else default_out(experiment))
-    status = run.status(experiment, overwrite)
-    if status == "finished":
-        return RunResult(run.path, run.read_summary(), status)
-
-    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
-    checkpoint = None
-    if status == "resume":
-        checkpoint = run.load_checkpoint()
-        partition = Partition.load(run.partition)
-    else:
-        check_model(experiment, dataset.input_shape, dataset.num_classes)  # fails before anything is written
-        partition = split_dataset(experiment, dataset)
-        run.start(experiment)
-        partition.save(run.partition)
-        describe_partition(experiment, dataset, partition, run.path, labels_plot="partition.png")
+    prepared = prepare_run(experiment, out, overwrite=overwrite)
+    if prepared.status == "finished":
+        return RunResult(prepared.run.path, prepared.run.read_summary(), prepared.status)
     engine = make_engine(experiment)
-    env = RunEnvironment(experiment, run.path.resolve(), engine.device, engine.client_threads)
-    client_app = make_client_app(env)
-
-    with round_progress(experiment, enabled=progress, done=checkpoint.round if checkpoint else 0) as on_round:
-        federation = Federation(env, run, partition.num_clients, checkpoint, on_round, started)
-        engine.execute(federation, client_app, partition.num_clients)
-
-    summary = make_summary(experiment, federation, partition, federation.elapsed())
-    plot_training(run.read_metrics(), run.plots / "accuracy.png", f"{experiment.name}: {experiment.strategy.name}")
-    run.write_summary(summary)
-    return RunResult(run.path, summary, status)
+    env = RunEnvironment(experiment, prepared.run.path.resolve(), engine.device, engine.client_threads)
+    done = prepared.checkpoint.round if prepared.checkpoint else 0
+    with round_progress(experiment, enabled=progress, done=done) as on_round:
+        federation = Federation(
+            env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
+        )
+        engine.execute(federation, make_client_app(env), env, prepared.partition)
+    return finish_run(experiment, prepared, federation)
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:
@@ -113,6 +131,7 @@ def make_summary(experiment: Experiment, federation: Federation, partition: Part
         "partition": experiment.partition.name,
         "num_clients": partition.num_clients,
         "wall_time_s": round(wall_time_s, 3),
+        "rounds_time_s": round(federation.rounds_time_s, 3),
         "versions": {
             "fedsim": fedsim.__version__,
             "flwr": flwr.__version__,

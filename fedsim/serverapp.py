@@ -38,9 +38,13 @@ CLIENT_MEASURES = ("accuracy", "loss")  # what the summary follows on each clien
 def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
     """Ask every node which client (partition id) it is: node id -> client id.
 
-    Engines number nodes their own way (Ray draws them at random); the client id is
-    what data, seeds and results are keyed by.
+    Engines number nodes their own way (Flower's draws them at random); the client id is
+    what data, seeds and results are keyed by. fedsim's own grids know the answer
+    (``partition_ids``); any other Grid is asked, one query message per node.
     """
+    known = getattr(grid, "partition_ids", None)
+    if known is not None:
+        return known()
     deadline = time.monotonic() + timeout_s
     while len(node_ids := list(grid.get_node_ids())) < num_clients:
         if time.monotonic() > deadline:
@@ -153,6 +157,9 @@ class Federation:
         self.accuracy_by_domain: dict[str, float] = {}
         self.evaluated_on = GLOBAL_TEST  # where `final` comes from; see is_personalized
         self._started = time.monotonic() if started is None else started  # when the command began
+        # seconds spent in rounds (training, evaluation, metrics), over every command that
+        # worked on the run: the run's cost without start-up
+        self.rounds_time_s = resume.rounds_time_s if resume else 0.0
 
     # -- building blocks ------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -185,13 +192,16 @@ class Federation:
         self.evaluated_on = CLIENT_HOLDOUT if is_personalized(strategy) else GLOBAL_TEST
         if self.resume is not None:
             self._restore_from_metrics()
-        elif self.evaluated_on == GLOBAL_TEST:
+        elif self.evaluated_on == GLOBAL_TEST and self.experiment.evaluate_every > 0:
             self.final = self.evaluate_global(arrays)
             self.run.append_metrics(self._rows(0, "server", "global", self.final))
         for server_round in range(first, self.experiment.rounds + 1):
-            arrays = self.play_round(server_round, strategy, arrays, grid)
+            started = time.perf_counter()
+            arrays = self.play_round(server_round, strategy, arrays, grid, started)
 
-    def play_round(self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid) -> ArrayRecord:
+    def play_round(
+        self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid, started: float
+    ) -> ArrayRecord:
         rows: list[MetricRow] = []
         # Flower samples clients with the module-level `random`: seed it per round, so
         # the choice depends on (seed, round) only, on every engine and after a resume.
@@ -211,13 +221,18 @@ class Federation:
         if self.evaluates_after(server_round):
             rows += self.evaluate(server_round, strategy, arrays, grid)
         self.run.append_metrics(rows)
-        self.run.save_checkpoint(Checkpoint(server_round, arrays, strategy, self.run.metrics_size(), self.elapsed()))
+        self.rounds_time_s += time.perf_counter() - started
+        checkpoint = Checkpoint(
+            server_round, arrays, strategy, self.run.metrics_size(), self.elapsed(), self.rounds_time_s
+        )
+        self.run.save_checkpoint(checkpoint)
         self.on_round(server_round, self.final)
         return arrays
 
     def evaluates_after(self, server_round: int) -> bool:
-        """Every ``evaluate_every`` rounds, and always after the last."""
-        return server_round % self.experiment.evaluate_every == 0 or server_round == self.experiment.rounds
+        """Every ``evaluate_every`` rounds, and always after the last; never if it is 0."""
+        every = self.experiment.evaluate_every
+        return every > 0 and (server_round % every == 0 or server_round == self.experiment.rounds)
 
     def evaluate(
         self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid

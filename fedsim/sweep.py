@@ -417,10 +417,11 @@ def run_sweep(
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
     out, runs, statuses = plan_sweep(spec, out, overwrite)
-    if backend == "ray" and any(run.experiment.engine.name == "ray" for run in runs):
+    ray_engine = next((run.experiment.engine.name for run in runs if run.experiment.engine.name != "inprocess"), None)
+    if backend == "ray" and ray_engine:
         raise UserError(
-            "runs with engine.name = 'ray' cannot run inside Ray sweep tasks (Flower's Ray engine "
-            "owns its Ray instance); use --backend process, or --set engine.name=inprocess"
+            f"runs with engine.name = {ray_engine!r} cannot run inside Ray sweep tasks (their actors would "
+            "wait for CPUs the sweep's tasks hold); use --backend process, or --set engine.name=inprocess"
         )
     manifest = SweepManifest(out, spec, runs, statuses, backend)
     manifest.write()
@@ -444,7 +445,8 @@ def run_sweep(
 def execute_run(task: RunTask) -> RunOutcome:
     """Run one run in a worker; any error becomes a failed outcome, with its traceback in
     the run directory's error.txt."""
-    from fedsim.run import quiet_flower, run_experiment
+    from fedsim.flower_log import quiet_flower
+    from fedsim.run import run_experiment
 
     started = time.monotonic()
     quiet_flower()
@@ -527,18 +529,11 @@ def run_on_ray(
     """Ray tasks: a local Ray instance, or the cluster at ``address`` ("auto" finds a local
     head node started with ``ray start``). On a cluster the sweep folder must be on
     storage every machine can write."""
-    import logging
-
     import ray
 
-    # As in fedsim.engine.ray: CPU-only tasks leave CUDA_VISIBLE_DEVICES alone (and Ray stays quiet).
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    started_here = not ray.is_initialized()
-    if started_here:
-        try:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-        except ConnectionError as error:
-            raise UserError(f"--address {address}: no Ray cluster there ({one_line(error)})") from None
+    from fedsim.engine.ray import connect
+
+    started_here = connect(address, where="--address")
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = min(workers or cpus, len(tasks))

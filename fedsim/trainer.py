@@ -1,7 +1,10 @@
 """The client side of an algorithm: what a client does with the global model.
 
 A :class:`ClientTrainer` receives the model, its data view, the round's config and its
-own persistent state, and returns arrays, metrics and new state. The default trainer is
+own persistent state, and returns arrays, metrics and new state. The model is the
+worker's, reused by every client it runs (:class:`fedsim.worker.Worker`), so
+:meth:`ClientTrainer.receive` must set all of its parameters and buffers (a strict
+``load_state_dict`` does); it stays on the worker's device. The default trainer is
 FedAvg's client. A method that changes the client subclasses it and overrides only the
 step that differs, and its Strategy names it in a ``client_trainer`` class attribute.
 """
@@ -33,10 +36,13 @@ class RoundConfig:
 
     The server puts the experiment's ``[client]`` table into every train message (so a
     strategy may change it per round) and Flower injects ``server-round``. Anything else a
-    strategy sends (FedProx's ``proximal-mu``, a method's own keys) is in ``extra``.
+    strategy sends (FedProx's ``proximal-mu``, a method's own keys) is in ``extra``. The
+    ClientApp adds ``client``, the id of the client that received it, so that a trainer
+    knows who and when it is (attacks, faults and drift need both).
     """
 
     server_round: int = 0
+    client: int | None = None  # who trains: set by the ClientApp, never sent
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
@@ -51,17 +57,17 @@ class RoundConfig:
 
     def to_config(self) -> ConfigRecord:
         """The local-training settings as ConfigRecord entries (``server-round`` is Flower's)."""
-        settings = {
-            key.replace("_", "-"): value for key, value in vars(self).items() if key not in ("server_round", "extra")
-        }
+        local = ("server_round", "client", "extra")
+        settings = {key.replace("_", "-"): value for key, value in vars(self).items() if key not in local}
         return ConfigRecord({**settings, **self.extra})
 
     @classmethod
-    def from_config(cls, config: ConfigRecord) -> RoundConfig:
-        fields = {name.replace("_", "-"): name for name in cls.__dataclass_fields__ if name != "extra"}
+    def from_config(cls, config: ConfigRecord, client: int | None = None) -> RoundConfig:
+        """Read a round's ConfigRecord, as received by ``client``."""
+        fields = {name.replace("_", "-"): name for name in cls.__dataclass_fields__ if name not in ("extra", "client")}
         known = {fields[key]: value for key, value in config.items() if key in fields}
         extra = {key: value for key, value in config.items() if key not in fields}
-        return cls(**known, extra=extra)
+        return cls(**known, client=client, extra=extra)
 
 
 @dataclass
@@ -136,7 +142,8 @@ class ClientTrainer:
         return {"train_loss": total_loss / max(seen, 1)}
 
     def send(self, model: nn.Module, state: ClientState) -> tuple[ArrayRecord, ClientState]:
-        """What goes back to the server, and what the client keeps."""
+        """What goes back to the server, and what the client keeps (as CPU arrays: the
+        model may be on a GPU)."""
         return ArrayRecord(model.state_dict()), state
 
     def train(
@@ -152,7 +159,6 @@ class ClientTrainer:
         self.receive(model, arrays, state)
         model.to(device)
         metrics = self.fit(model, data, config, generator, device)
-        model.cpu()
         reply, state = self.send(model, state)
         return TrainResult(reply, metrics, state)
 

@@ -30,8 +30,12 @@ class FedBNTrainer(ClientTrainer):
         local = batchnorm_keys(model)
         incoming = arrays.to_torch_state_dict()
         if not state:
-            # This client's first message: it has no BatchNorm of its own yet, so BN keeps
-            # the freshly built layers' values (after round 1 the server's arrays hold none).
+            # This client's first message: it has no BatchNorm of its own yet, so BN starts
+            # from a freshly built layer's values (after round 1 the server's arrays hold
+            # none, and the worker's model holds the previous client's).
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_parameters()
             missing, unexpected = model.load_state_dict(incoming, strict=False)
             if unexpected or set(missing) - local:
                 raise ValueError(
@@ -45,8 +49,8 @@ class FedBNTrainer(ClientTrainer):
     def send(self, model: nn.Module, state: ClientState) -> tuple[ArrayRecord, ClientState]:
         local = batchnorm_keys(model)
         weights = model.state_dict()
-        shared = ArrayRecord({key: Array(value.numpy()) for key, value in weights.items() if key not in local})
-        return shared, {key: weights[key].numpy().copy() for key in local}
+        shared = ArrayRecord({key: Array(value.cpu().numpy()) for key, value in weights.items() if key not in local})
+        return shared, {key: weights[key].cpu().numpy().copy() for key in local}
 
 
 class FedBN(FedAvg):

@@ -82,7 +82,7 @@ MALFORMED = {
     ),
     "unknown engine": (
         'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[engine]\nname = "dask"\n',
-        ["[engine] name", "'dask'", "'inprocess' or 'ray'"],
+        ["[engine] name", "'dask'", "'inprocess', 'ray' or 'flower'"],
     ),
     "ray option on the in-process engine": (
         'name = "x"\nrounds = 1\n[partition]\nnum_clients = 2\n[engine]\nnum_gpus = 1\n',

@@ -315,9 +315,10 @@ def test_accuracy_by_domain(tmp_path, monkeypatch):
     # The domains split the clients' held-out samples: weighted by how many each domain has
     # there, their accuracies give back the clients' example-weighted accuracy.
     from fedsim.environment import RunEnvironment
+    from fedsim.worker import worker_for
 
-    env = RunEnvironment(experiment, tmp_path / "run")
-    held_out = np.concatenate([env.client_data(client).domain_test for client in range(4)])
+    worker = worker_for(RunEnvironment(experiment, tmp_path / "run"))
+    held_out = np.concatenate([worker.client_data(client).domain_test for client in range(4)])
     counts = np.bincount(held_out, minlength=2)
     combined = (
         counts[0] * summary["accuracy_by_domain"]["plain"] + counts[1] * summary["accuracy_by_domain"]["negative"]

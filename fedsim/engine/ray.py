@@ -1,73 +1,278 @@
-"""The Ray engine: Flower's simulation engine, clients in Ray actors.
+"""The Ray engine: a pool of Ray actors, each one worker, fed each round's clients in chunks.
 
-Each client gets ``num_cpus`` CPUs and ``num_gpus`` GPUs (fractions allowed: 0.25 puts
-four clients on one GPU). ``address`` joins an existing Ray cluster (``"auto"`` finds
-the local head node), so one experiment scales past one machine; the run directory must
-then be on storage every machine can read.
+Flower's ServerApp, strategies, messages and ClientApp stay as they are; only the Grid
+changes. Each round, every distinct ArrayRecord the strategy sends (usually the one global
+model) goes into Ray's object store once (``ray.put``), the round's clients are split
+into one chunk per actor, balanced by training-set size, and each actor runs its chunk
+with its :class:`fedsim.worker.Worker` (one model, loaded in place for each client) and
+returns the replies together. Results are bit-identical to the in-process engine's when
+the thread counts match (``num_cpus`` = ``[engine] num_threads``).
+
+``address`` joins a running Ray cluster (``"auto"``, or ``"ray://host:port"`` for Ray
+Client), so the same experiment scales past one machine; the run directory must then be
+on storage every machine can read. ``num_gpus`` is each worker's share of a GPU
+(0.125: eight workers share one); left unset, the workers share whatever GPUs the
+cluster has. An actor that dies (out of memory, a crash in native code) is replaced and
+its clients are retried once each; a client that kills its worker twice is reported as a
+failed client, and the round goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Annotated
+from collections import deque
+from collections.abc import Sequence
+from typing import Annotated, Any
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+from flwr.common.constant import ErrorCode
 from pydantic import Field
 
 from fedsim.engine.base import ServerMain
+from fedsim.engine.grid import SimulatedGrid
 from fedsim.engine.inprocess import Device
+from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
+from fedsim.environment import RunEnvironment
+from fedsim.errors import UserError
+from partitioners import Partition
+
+
+def quiet_ray_environment() -> None:
+    """Keep Ray from rewriting CUDA_VISIBLE_DEVICES for GPU-less actors (its future
+    default, and it silences a warning): fedsim chooses each worker's device itself."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def connect(address: str | None, where: str = "[engine] address") -> bool:
+    """Start Ray here, or join the cluster at ``address``; True if this call started it
+    (or joined a cluster), so that the caller shuts it down.
+
+    Ray's workers import what the driver imports, so the driver's current folder and
+    ``PYTHONPATH`` go with them: a strategy in ``./my_strategy.py`` works as in-process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet_ray_environment()
+    path = os.pathsep.join([os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
+    except ConnectionError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "connection refused"
+        raise UserError(f"{where} = {address!r}: no Ray cluster there ({first_line})") from None
+    return True
 
 
 class RayEngine:
-    """Flower's simulation engine on Ray: clients in actors, on CPUs or GPU fractions."""
+    """fedsim's Ray engine: ``num_workers`` actor workers, each with ``num_cpus`` CPUs
+    and ``num_gpus`` of a GPU, running each round's clients in chunks.
+
+    ``num_workers`` defaults to one per ``num_cpus`` CPUs of the cluster, or, with
+    ``num_gpus`` set, one per GPU share (whichever is fewer). ``device = "auto"`` trains
+    on the GPU share a worker holds, else on the CPU.
+    """
 
     def __init__(
         self,
+        num_workers: Annotated[int, Field(ge=1)] | None = None,
         num_cpus: Annotated[float, Field(gt=0)] = 1.0,
-        num_gpus: Annotated[float, Field(ge=0)] = 0.0,
+        num_gpus: Annotated[float, Field(ge=0)] | None = None,
         address: str | None = None,
         device: Device = "auto",
     ) -> None:
+        if num_gpus is not None and num_gpus > 1 and num_gpus != int(num_gpus):
+            raise ValueError(f"num_gpus = {num_gpus} is invalid: a worker takes a fraction of one GPU or whole GPUs")
+        if device == "cpu" and num_gpus:
+            raise ValueError(f"num_gpus = {num_gpus} reserves GPUs that device = 'cpu' would not use; remove one")
+        self.num_workers = num_workers
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.address = address
-        # "auto" follows the resources: a client given no GPU share trains on the CPU
-        # even where the machine has GPUs.
-        self.device = ("cuda" if num_gpus > 0 else "cpu") if device == "auto" else device
+        self.requested_device = device
+        self._layout: tuple[int, float] | None = None
+        self._started_ray = False  # whether this engine started Ray (and so shuts it down)
 
     @property
     def client_threads(self) -> int:
-        """Ray gives each client actor ``num_cpus`` CPUs; torch uses that many threads."""
+        """Each worker has ``num_cpus`` CPUs; torch uses that many threads."""
         return max(1, int(self.num_cpus))
 
-    def backend_config(self) -> dict:
-        init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
-        if self.address:
-            init_args["address"] = self.address
-        return {
-            "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "init_args": init_args,
-        }
+    def layout(self) -> tuple[int, float]:
+        """(workers, GPU share per worker), from the options and the cluster's resources.
 
-    def execute(self, server_main: ServerMain, client_app: ClientApp, num_clients: int) -> None:
-        from flwr.simulation import run_simulation
+        Joins (or starts) Ray on first use, since the cluster decides the defaults.
+        """
+        if self._layout is None:
+            import ray
 
-        # Keep Ray from rewriting CUDA_VISIBLE_DEVICES for GPU-less actors (its future
-        # default, and silences its warning); `device` above already decides.
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+            self._started_ray |= connect(self.address)
+            resources = ray.cluster_resources()
+            cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+            by_cpu = max(1, math.floor(cpus / self.num_cpus))
+            share = self.num_gpus
+            if share is None:  # unset: share the cluster's GPUs, unless told to use the CPU
+                share = 0.0 if self.requested_device == "cpu" or gpus == 0 else None
+            if share is None:
+                workers = self.num_workers or by_cpu
+                share = gpus / workers if gpus / workers < 1 else math.floor(gpus / workers)
+            elif share > 0:
+                if gpus == 0:
+                    raise UserError(f"[engine] num_gpus = {share}, but the Ray cluster has no GPUs; remove num_gpus")
+                workers = self.num_workers or max(1, min(by_cpu, math.floor(gpus / share)))
+            else:
+                workers = self.num_workers or by_cpu
+            self._layout = (workers, share)
+        return self._layout
 
-        server_app = ServerApp()
+    @property
+    def device(self) -> str:
+        if self.requested_device != "auto":
+            return self.requested_device
+        return "cuda" if self.layout()[1] > 0 else "cpu"
 
-        @server_app.main()
-        def main(grid: Grid, context: Context) -> None:
+    def execute(self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition) -> None:
+        import ray
+
+        self._started_ray |= connect(self.address)
+        workers, gpu_share = self.layout()
+        pool = WorkerPool(client_app, env, min(workers, partition.num_clients), self.num_cpus, gpu_share)
+        try:
+            grid = RayGrid(pool, partition.num_clients, partition.sizes)
+            context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
             server_main(grid, context)
+        finally:
+            pool.shutdown()
+            if self._started_ray:
+                ray.shutdown()
+                self._started_ray, self._layout = False, None
 
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_config=self.backend_config(),
+
+class WorkerActor:
+    """One worker in a Ray actor: runs chunks of client tasks through the ClientApp."""
+
+    def __init__(self, client_app: ClientApp, env: RunEnvironment) -> None:
+        self.client_app = client_app
+        self.env = env
+
+    def ready(self) -> int:
+        """Load the worker (dataset, partition, model) before the first round; the pid."""
+        from fedsim.worker import worker_for
+
+        worker_for(self.env)
+        return os.getpid()
+
+    def run(self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:
+        return run_tasks(self.client_app, shared, tasks)
+
+
+class WorkerPool:
+    """``size`` WorkerActors; replaces any that dies."""
+
+    def __init__(self, client_app: ClientApp, env: RunEnvironment, size: int, num_cpus: float, num_gpus: float) -> None:
+        import ray
+
+        self._actor_class = ray.remote(max_restarts=0, max_task_retries=0)(WorkerActor).options(
+            num_cpus=num_cpus, num_gpus=num_gpus
         )
+        self._arguments = (client_app, env)
+        self.actors = [self._actor_class.remote(*self._arguments) for _ in range(size)]
+        self.pids = ray.get([actor.ready.remote() for actor in self.actors])
+
+    def replace(self, slot: int) -> None:
+        import ray
+
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._actor_class.remote(*self._arguments)
+        self.pids[slot] = ray.get(self.actors[slot].ready.remote())
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+class RayGrid(SimulatedGrid):
+    """A Grid that runs each push's tasks on a WorkerPool, a chunk per actor."""
+
+    def __init__(self, pool: WorkerPool, num_clients: int, client_sizes: Sequence[int]) -> None:
+        super().__init__(num_clients)
+        self.pool = pool
+        self.client_sizes = client_sizes
+
+    def chunks(self, tasks: Sequence[ClientTask]) -> list[list[int]]:
+        """Task indices per actor: the largest clients first, each to the least-loaded
+        actor (longest-processing-time first), each chunk in the tasks' order."""
+        count = min(len(self.pool.actors), len(tasks))
+        loads, chunks = [0] * count, [[] for _ in range(count)]
+        for index in sorted(range(len(tasks)), key=lambda i: -int(self.client_sizes[tasks[i].client])):
+            slot = loads.index(min(loads))
+            chunks[slot].append(index)
+            loads[slot] += max(1, int(self.client_sizes[tasks[index].client]))
+        return [sorted(chunk) for chunk in chunks if chunk]
+
+    def execute(self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:
+        import ray
+
+        if not tasks:
+            return []
+        shared_ref = ray.put(list(shared))  # once per push, however many clients read it
+        running = {
+            self.pool.actors[slot].run.remote(shared_ref, [tasks[i] for i in chunk]): (slot, chunk)
+            for slot, chunk in enumerate(self.chunks(tasks))
+        }
+        results: list[TaskResult | None] = [None] * len(tasks)
+        retry: list[int] = []
+        for future, (slot, chunk) in running.items():
+            try:
+                for index, result in zip(chunk, ray.get(future), strict=True):
+                    results[index] = result
+            except ray.exceptions.RayActorError:
+                self.pool.replace(slot)
+                retry += chunk
+        self._retry_one_by_one(shared_ref, tasks, sorted(retry), results)
+        return results  # type: ignore[return-value]
+
+    def _retry_one_by_one(
+        self, shared_ref: Any, tasks: Sequence[ClientTask], indices: list[int], results: list[TaskResult | None]
+    ) -> None:
+        """Run each task of a dead worker once more, alone, so that a client that kills its
+        worker again fails by itself; at most one task per actor at a time."""
+        import ray
+
+        pending, running = deque(indices), {}
+        idle = list(range(len(self.pool.actors)))
+        while pending or running:
+            while pending and idle:
+                slot, index = idle.pop(), pending.popleft()
+                running[self.pool.actors[slot].run.remote(shared_ref, [tasks[index]])] = (slot, index)
+            [future], _ = ray.wait(list(running), num_returns=1)
+            slot, index = running.pop(future)
+            try:
+                results[index] = ray.get(future)[0]
+            except ray.exceptions.RayActorError as error:
+                self.pool.replace(slot)
+                results[index] = _worker_died(tasks[index], error)
+            idle.append(slot)
+
+
+def _worker_died(task: ClientTask, error: Exception) -> TaskResult:
+    """An error reply for a client whose worker died twice while running it."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = (
+        f"WorkerDied: the Ray worker running this client died twice (out of memory, or a crash in "
+        f"native code): {first_line}"
+    )
+    request = Message(content=RecordDict(), metadata=task.metadata)
+    return TaskResult(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=request), task.state)

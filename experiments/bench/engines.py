@@ -1,0 +1,252 @@
+"""Benchmark: fedsim's engines against a plain PyTorch loop and Flower's own simulation.
+
+Every figure is a ratio of two timings taken in the same run, with the commands compared
+interleaved (plain, in-process, ray, flower; plain, in-process, ...) and the median of
+the repeats kept, so that a machine that slows down between minutes slows all of them.
+
+- **W1** (``w1.toml``): 20 clients x 200 MNIST images, LeNet-5, batch 32, one local
+  epoch, 5 rounds of FedAvg, no evaluation. The baseline is a plain PyTorch loop doing the
+  same training (the same clients, batches and FedAvg average) in this process with one
+  torch thread. An engine's time is the run's ``rounds_time_s`` (summary.json): the
+  rounds, without the start-up (imports, data, Ray and its actors). Reported:
+  ``inprocess_over_plain``, ``ray_over_plain`` (2 workers), ``ray_over_flower``, and
+  ``command_over_rounds`` (the whole ``fedsim run`` command against its rounds).
+- **Overhead per client update**: the MLP on ``digits`` with 100 clients x 3 rounds, where
+  a client's training is tiny: (engine's rounds - plain loop) / client updates, in ms.
+- **Scale**: ``synthetic`` data, one client per device, 10 clients sampled per round out
+  of 100, 1,000 and 10,000 registered: seconds per round and the driver's peak RSS.
+- **GPU** (only where CUDA is available): client updates per second with 1, 4, 8 and 16
+  workers sharing one GPU, for LeNet-5 and a ResNet-18-sized network.
+
+    python experiments/bench/engines.py [--quick] [--json PATH] [--skip flower ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+W1 = ROOT / "experiments/bench/w1.toml"
+
+# The per-update overhead workload: the MLP on digits, 100 clients x 3 rounds.
+OVERHEAD = [
+    "name=bench-overhead",
+    "dataset.name=digits",
+    "model.name=mlp",
+    "partition.num_clients=100",
+    "rounds=3",
+]
+
+
+# -- the baseline ------------------------------------------------------------------------
+def plain_fedavg(config: Path, overrides: list[str]) -> float:
+    """Seconds for a plain PyTorch FedAvg loop doing the experiment's training.
+
+    One model; for every round and client: load the global weights, run the local epochs
+    of SGD over the client's data in the order fedsim's clients use, add the weights
+    into a sample-weighted sum on the spot. No messages, no files.
+    """
+    from fedsim.config import load_experiment
+    from fedsim.data import load_dataset
+    from fedsim.models import build_model
+    from fedsim.seeding import derive_seed, torch_generator
+    from fedsim.splitting import split_dataset
+    from fedsim.training import batches
+
+    torch.set_num_threads(1)
+    experiment = load_experiment(config, overrides)
+    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
+    partition = split_dataset(experiment, dataset)
+    clients = [
+        (torch.as_tensor(dataset.x_train[idx]), torch.as_tensor(dataset.y_train[idx])) for idx in (partition[c] for c in range(partition.num_clients))
+    ]
+    settings = experiment.client
+    model = build_model(experiment.model.name, dataset.input_shape, dataset.num_classes, **experiment.model.params)
+    global_state = {key: value.clone() for key, value in model.state_dict().items()}
+    total = sum(len(y) for _, y in clients)
+    started = time.perf_counter()
+    for server_round in range(1, experiment.rounds + 1):
+        summed = {key: torch.zeros_like(value, dtype=torch.float64) for key, value in global_state.items()}
+        for client, (x, y) in enumerate(clients):
+            model.load_state_dict(global_state)
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+            )
+            generator = torch_generator(derive_seed(experiment.seed, "train", server_round, client))
+            model.train()
+            for _ in range(settings.local_epochs):
+                for xb, yb in batches(x, y, settings.batch_size, generator):
+                    optimizer.zero_grad()
+                    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                    optimizer.step()
+            with torch.no_grad():
+                for key, value in model.state_dict().items():
+                    summed[key] += value * (len(y) / total)
+        global_state = {key: value.to(global_state[key].dtype) for key, value in summed.items()}
+    return time.perf_counter() - started
+
+
+# -- fedsim runs, each in a fresh process -------------------------------------------------
+RUNNER = (
+    "import resource, sys\n"
+    "from fedsim.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_fedsim(config: Path, overrides: list[str]) -> dict:
+    """One ``fedsim run`` in a fresh process: its rounds time, whole-command time and the
+    driver's peak RSS."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-c", RUNNER, "run", str(config), "--quiet", "--out", folder]
+        for override in overrides:
+            command += ["--set", override]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        command_s = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"fedsim run {' '.join(overrides)} failed:\n{done.stderr}")
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+    rss = next(line for line in done.stdout.splitlines() if line.startswith("peak-rss-kib"))
+    return {
+        "rounds_s": summary["rounds_time_s"],
+        "command_s": command_s,
+        "peak_rss_mib": int(rss.split()[1]) / 1024,
+    }
+
+
+ENGINE_OVERRIDES = {
+    "inprocess": ["engine.name=inprocess"],
+    "ray": ["engine.name=ray", "engine.num_workers=2", "engine.num_cpus=1"],
+    "flower": ["engine.name=flower", "engine.num_cpus=1"],
+}
+
+
+def compare(config: Path, overrides: list[str], engines: list[str], repeats: int) -> dict:
+    """Median seconds of the plain loop and of each engine's rounds, interleaved."""
+    times: dict[str, list] = {"plain": [], **{engine: [] for engine in engines}}
+    plain_fedavg(config, overrides)  # warm: torch.optim's first optimizer imports torch._dynamo
+    for _ in range(repeats):
+        times["plain"].append(plain_fedavg(config, overrides))
+        for engine in engines:
+            times[engine].append(run_fedsim(config, [*overrides, *ENGINE_OVERRIDES[engine]]))
+    result = {"plain_s": statistics.median(times["plain"])}
+    for engine in engines:
+        result[f"{engine}_s"] = statistics.median(run["rounds_s"] for run in times[engine])
+        result[f"{engine}_command_s"] = statistics.median(run["command_s"] for run in times[engine])
+    return result
+
+
+def scale(engines: list[str], sizes: list[int], sampled: int, rounds: int) -> dict:
+    """Seconds per round and driver peak RSS with ``sampled`` clients per round out of
+    each number of registered clients (synthetic data, one client per device)."""
+    results: dict = {}
+    for size in sizes:
+        overrides = [
+            "name=bench-scale",
+            "dataset.name=synthetic",
+            f"dataset.num_devices={size}",
+            "dataset.size_distribution=equal",
+            "dataset.samples_per_device=25",
+            "partition.name=natural",
+            f"partition.num_clients={size}",
+            "model.name=mlp",
+            f"strategy.fraction_train={sampled / size}",
+            f"rounds={rounds}",
+        ]
+        for engine in engines:
+            run = run_fedsim(W1, [*overrides, *ENGINE_OVERRIDES[engine]])
+            results[f"{engine}/{size}"] = {
+                "seconds_per_round": run["rounds_s"] / rounds,
+                "peak_rss_mib": run["peak_rss_mib"],
+                "command_s": run["command_s"],
+            }
+            print(f"  scale {engine:9s} {size:6d} clients: {run['rounds_s'] / rounds:.3f} s/round, "
+                  f"driver peak RSS {run['peak_rss_mib']:.0f} MiB")
+    return results
+
+
+def gpu(workers: list[int], quick: bool) -> dict:
+    """Client updates per second with k Ray workers sharing one GPU, each 1/k of it."""
+    models = {
+        "lenet": ["model.name=lenet"],
+        "resnet18-sized": ["model.name=resnet", "model.blocks=2", "model.width=128"],
+    }
+    clients, rounds = (32, 2) if quick else (64, 3)
+    results: dict = {}
+    for model, options in models.items():
+        for k in workers:
+            overrides = [*options, f"partition.num_clients={clients}", f"rounds={rounds}", "engine.name=ray",
+                         f"engine.num_workers={k}", f"engine.num_gpus={1 / k}", "engine.device=cuda"]
+            run = run_fedsim(W1, overrides)
+            results[f"{model}/{k}"] = clients * rounds / run["rounds_s"]
+            print(f"  gpu {model:15s} {k:2d} workers: {results[f'{model}/{k}']:.1f} client updates/s")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller scale study")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--skip", action="append", default=[], choices=["flower", "ray", "scale"],
+                        help="leave out an engine or the scale study")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    engines = [engine for engine in ENGINE_OVERRIDES if engine not in args.skip]
+    repeats = 1 if args.quick else 3
+
+    print(f"W1 ({'quick, ' if args.quick else ''}{repeats} interleaved repeats):")
+    w1 = compare(W1, [], engines, repeats)
+    for engine in engines:
+        print(f"  {engine:9s} rounds {w1[f'{engine}_s']:.2f} s  (whole command {w1[f'{engine}_command_s']:.2f} s)")
+    print(f"  plain loop {w1['plain_s']:.2f} s")
+    figures: dict = {"w1": w1, "repeats": repeats, "threads": torch.get_num_threads()}
+    for engine in engines:
+        figures[f"{engine}_over_plain"] = w1[f"{engine}_s"] / w1["plain_s"]
+    if "ray" in engines and "flower" in engines:
+        figures["ray_over_flower"] = w1["ray_s"] / w1["flower_s"]
+    figures["command_over_rounds"] = w1["inprocess_command_s"] / w1["inprocess_s"]
+
+    print("Overhead per client update (MLP on digits, 100 clients x 3 rounds):")
+    overhead = compare(W1, OVERHEAD, engines, repeats)
+    updates = 100 * 3
+    figures["overhead_ms_per_update"] = {
+        engine: 1000 * (overhead[f"{engine}_s"] - overhead["plain_s"]) / updates for engine in engines
+    }
+    figures["overhead"] = overhead
+    for engine, ms in figures["overhead_ms_per_update"].items():
+        print(f"  {engine:9s} {ms:6.2f} ms per update")
+
+    if "scale" not in args.skip:
+        print("Scale (10 clients sampled per round):")
+        sizes = [100, 1_000, 10_000]
+        figures["scale"] = scale([e for e in engines if e != "flower"], sizes, sampled=10, rounds=2 if args.quick else 3)
+
+    if torch.cuda.is_available():
+        print(f"GPU ({torch.cuda.get_device_name(0)}):")
+        figures["gpu_updates_per_s"] = gpu([1, 4, 8, 16], args.quick)
+        figures["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        figures["gpu"] = None
+        print("GPU: none on this machine")
+
+    for key in ("inprocess_over_plain", "ray_over_plain", "ray_over_flower", "command_over_rounds"):
+        if key in figures:
+            print(f"{key}: {figures[key]:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

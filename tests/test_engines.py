@@ -1,0 +1,217 @@
+"""The engines: workers that reuse one model and share the server's arrays give the same
+bits as a fresh model and a private copy of every message; the Ray engine's pool reports
+a failing client, replaces a dead worker, and agrees with the other engines."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedsim.cli import main
+from fedsim.engine import tasks as engine_tasks
+from fedsim.engine.tasks import NODE_ID_OFFSET, SharedArrays, pack, run_tasks
+from fedsim.errors import ClientFailure
+from fedsim.run import run_experiment
+from fedsim.worker import Worker
+
+from .conftest import QUICKSTART, tiny_experiment
+
+STRATEGY_CASES = {
+    "fedavg": [],
+    "fedprox": ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],
+    # clients first sampled in later rounds start from fresh BatchNorm layers
+    "fedbn": ["strategy.name=fedbn", "model.name=digitcnn", "strategy.fraction_train=0.5"],
+    "fedwon": ["strategy.name=fedwon", "model.name=digitcnn"],
+}
+
+
+@pytest.mark.parametrize("case", STRATEGY_CASES)
+def test_a_reused_model_and_shared_arrays_give_the_same_bits(case, tmp_path, monkeypatch):
+    """The worker path against the engine before workers: a new model for every message
+    and a deep copy of every message."""
+    experiment = tiny_experiment("rounds=3", *STRATEGY_CASES[case])
+    run_experiment(experiment, tmp_path / "worker")
+
+    built = []
+
+    def fresh_model(self):
+        built.append(1)
+        return self.env.new_model().to(self.device)
+
+    monkeypatch.setattr(Worker, "model", fresh_model)
+    monkeypatch.setattr(engine_tasks, "SharedArrays", copy.deepcopy)
+    run_experiment(experiment, tmp_path / "fresh")
+    assert len(built) > 3 * 4, "the reference run builds a model per message"
+    assert (tmp_path / "worker/metrics.csv").read_bytes() == (tmp_path / "fresh/metrics.csv").read_bytes()
+
+
+def _round_messages(num_clients: int) -> tuple[ArrayRecord, list[Message]]:
+    import numpy as np
+
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32))})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.1, "layers": [1, 2]})})
+    messages = [Message(content, NODE_ID_OFFSET + client, "train") for client in range(num_clients)]
+    return arrays, messages
+
+
+def test_a_rounds_arrays_are_packed_once_and_delivered_read_only():
+    arrays, messages = _round_messages(3)
+    shared, tasks = pack(messages, num_clients=3)
+    assert shared == [arrays] and shared[0] is arrays, "one ArrayRecord, however many clients read it"
+    assert [task.client for task in tasks] == [0, 1, 2]
+    seen = []
+
+    def client_app(message, context):
+        received = message.content["arrays"]
+        assert isinstance(received, SharedArrays)
+        with pytest.raises(TypeError, match="read-only"):
+            received["w"] = Array(received["w"].numpy() * 2)
+        with pytest.raises(TypeError, match="read-only"):
+            del received["w"]
+        message.content["config"]["lr"] = 99.0  # a client's own copy
+        message.content["config"]["layers"].append(3)
+        seen.append((context.node_config["partition-id"], received.to_torch_state_dict()["w"].tolist()))
+        return Message(RecordDict(), reply_to=message)
+
+    results = run_tasks(client_app, shared, tasks)
+    assert [client for client, _ in seen] == [0, 1, 2]
+    assert all(values == [0, 1, 2, 3, 4, 5] for _, values in seen)
+    assert messages[0].content["config"]["lr"] == 0.1 and messages[0].content["config"]["layers"] == [1, 2]
+    assert all(not result.reply.has_error() for result in results)
+
+
+def test_a_client_exception_becomes_an_error_reply_and_the_next_client_still_runs():
+    _, messages = _round_messages(2)
+    shared, tasks = pack(messages, num_clients=2)
+
+    def client_app(message, context):
+        if context.node_config["partition-id"] == 0:
+            raise RuntimeError("boom")
+        context.state["seen"] = ConfigRecord({"times": 1})
+        return Message(RecordDict(), reply_to=message)
+
+    first, second = run_tasks(client_app, shared, tasks)
+    assert first.reply.has_error() and "RuntimeError: boom" in first.reply.error.reason
+    assert not second.reply.has_error()
+    assert first.state is None and second.state["seen"]["times"] == 1, "Context.state comes back only if used"
+
+
+# -- Ray -------------------------------------------------------------------------------------
+CRASHING = '''
+import os
+from pathlib import Path
+
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.trainer import ClientTrainer
+
+MARKER = Path({marker!r})
+
+
+class CrashingTrainer(ClientTrainer):
+    """Kills its worker process when client 1 trains: once, or every time."""
+
+    def fit(self, model, data, config, generator, device):
+        if config.client == 1 and ({always} or not MARKER.exists()):
+            MARKER.touch()
+            os._exit(9)
+        return super().fit(model, data, config, generator, device)
+
+
+class Crashing(FedAvg):
+    client_trainer = CrashingTrainer
+'''
+
+
+def _write_crashing_strategy(tmp_path, monkeypatch, always: bool) -> str:
+    """A strategy module whose client 1 kills its worker; returns its name."""
+    name = "crashing_always" if always else "crashing_once"
+    (tmp_path / f"{name}.py").write_text(CRASHING.format(marker=str(tmp_path / f"{name}.marker"), always=always))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # Ray's workers import it too
+    return name
+
+
+@pytest.mark.ray
+def test_ray_replaces_a_dead_worker_and_retries_its_clients(tmp_path, monkeypatch):
+    name = _write_crashing_strategy(tmp_path, monkeypatch, always=False)
+    ray_run = tiny_experiment("rounds=2", f"strategy.name={name}:Crashing", "engine.name=ray", "engine.num_workers=2")
+    result = run_experiment(ray_run, tmp_path / "ray")
+    assert (tmp_path / f"{name}.marker").exists(), "client 1 did kill its worker once"
+    assert result.summary["rounds_completed"] == 2
+    local = tiny_experiment("rounds=2", f"strategy.name={name}:Crashing")
+    run_experiment(local, tmp_path / "local")  # the marker exists: no crash here
+    assert (tmp_path / "ray/metrics.csv").read_bytes() == (tmp_path / "local/metrics.csv").read_bytes()
+
+
+@pytest.mark.ray
+def test_ray_reports_a_client_that_kills_its_worker_twice(tmp_path, monkeypatch):
+    name = _write_crashing_strategy(tmp_path, monkeypatch, always=True)
+    experiment = tiny_experiment("rounds=1", f"strategy.name={name}:Crashing", "engine.name=ray", "engine.num_workers=2")
+    with pytest.raises(ClientFailure, match=r"client 1 failed in round 1 \(train\): WorkerDied"):
+        run_experiment(experiment, tmp_path / "run")
+
+
+BROKEN = """
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.trainer import ClientTrainer
+
+
+class ExplodingTrainer(ClientTrainer):
+    def fit(self, model, data, config, generator, device):
+        raise RuntimeError("exploded on purpose")
+
+
+class Broken(FedAvg):
+    client_trainer = ExplodingTrainer
+"""
+
+
+@pytest.mark.ray
+def test_a_client_exception_inside_a_ray_worker_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_on_ray.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    args = ["run", str(QUICKSTART), "--quiet", "--out", str(tmp_path / "run")]
+    overrides = ["strategy.name=broken_on_ray:Broken", "dataset.name=digits", "model.name=mlp", "rounds=1"]
+    for override in [*overrides, "engine.name=ray", "engine.num_workers=2"]:
+        args += ["--set", override]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "failed in round 1 (train): RuntimeError: exploded on purpose" in err
+
+
+@pytest.mark.ray
+def test_the_three_engines_agree_to_the_bit(tmp_path):
+    """One torch thread per client on every engine: identical metrics."""
+    runs = {
+        "inprocess": [],
+        "ray": ["engine.name=ray", "engine.num_workers=2", "strategy.fraction_train=0.75"],
+        "flower": ["engine.name=flower"],
+    }
+    outputs = {}
+    for engine, overrides in runs.items():
+        overrides = [o for o in overrides if not o.startswith("strategy.")]
+        experiment = tiny_experiment("strategy.fraction_train=0.75", "rounds=2", *overrides)
+        summary = run_experiment(experiment, tmp_path / engine).summary
+        assert summary["engine"] == engine
+        outputs[engine] = (tmp_path / engine / "metrics.csv").read_bytes()
+    assert outputs["ray"] == outputs["inprocess"] == outputs["flower"]
+    assert json.loads((tmp_path / "ray/summary.json").read_text())["rounds_time_s"] > 0
+
+
+def test_engine_options_are_checked(capsys):
+    assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.num_workers=0"]) == 2
+    assert "[engine] num_workers = 0 is invalid" in capsys.readouterr().err
+    assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.num_gpus=1.5"]) == 2
+    assert "num_gpus = 1.5 is invalid" in capsys.readouterr().err
+    assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.device=cpu",
+                 "--set", "engine.num_gpus=0.5"]) == 2
+    assert "device = 'cpu'" in capsys.readouterr().err
+    assert main(["run", str(QUICKSTART), "--set", "engine.name=inprocess", "--set", "engine.num_gpus=0.5"]) == 2
+    assert "'num_gpus' is not an option of engine 'inprocess' but of 'ray', 'flower'; set [engine] name = 'ray'" in capsys.readouterr().err
