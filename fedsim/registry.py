@@ -67,6 +67,27 @@ def load_reference(reference: str, kind: str) -> Any:
         raise UserError(f"module {module_name!r} has no {attribute!r}{did_you_mean(attribute, names)}") from None
 
 
+class LazyRegistry(Mapping[str, Any]):
+    """A name -> object table whose objects are imported on first use, from
+    ``"package.module:Name"`` references, so that importing a registry is cheap."""
+
+    def __init__(self, references: Mapping[str, str]) -> None:
+        self._references = dict(references)
+        self._loaded: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            module, _, attribute = self._references[name].partition(":")
+            self._loaded[name] = getattr(importlib.import_module(module), attribute)
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._references)
+
+    def __len__(self) -> int:
+        return len(self._references)
+
+
 def plugin_table(group: str) -> dict[str, Any]:
     """Entry points of ``group`` as a lazy name -> loader table (loaded on lookup)."""
     return {ep.name: ep for ep in entry_points(group=group)}

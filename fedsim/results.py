@@ -28,14 +28,16 @@ import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from flwr.app import ArrayRecord
 
 from fedsim import atomic
 from fedsim.config import Experiment
 from fedsim.errors import UserError
+
+if TYPE_CHECKING:  # pandas is imported where used: a run reads its metrics once, at the end
+    import pandas as pd
 
 METRIC_COLUMNS = ["round", "scope", "id", "metric", "value"]
 
@@ -136,6 +138,8 @@ class RunDirectory:
         return self.metrics.stat().st_size if self.metrics.exists() else 0
 
     def read_metrics(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_csv(self.metrics, dtype={"id": str})
 
     # checkpoint -------------------------------------------------------------------

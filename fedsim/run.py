@@ -21,7 +21,6 @@ from fedsim.config import Experiment
 from fedsim.data import load_dataset
 from fedsim.environment import RunEnvironment
 from fedsim.flower_log import quiet_flower
-from fedsim.plots import plot_training
 from fedsim.results import Checkpoint, RunDirectory
 from fedsim.serverapp import Federation
 from fedsim.splitting import describe_partition, split_dataset
@@ -75,6 +74,8 @@ def prepare_run(experiment: Experiment, out: str | Path | None = None, *, overwr
 
 def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
     """After the last round: summary.json and the training plot."""
+    from fedsim.plots import plot_training
+
     summary = make_summary(experiment, federation, prepared.partition, federation.elapsed())
     run = prepared.run
     plot_training(run.read_metrics(), run.plots / "accuracy.png", f"{experiment.name}: {experiment.strategy.name}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedsim.data import ClientData, Dataset, client_view, load_dataset
+from fedsim.data import ClientData, Dataset, client_view
 from fedsim.environment import RunEnvironment
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore

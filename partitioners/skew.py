@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-from scipy.linalg import sqrtm
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import entropy
+
+if TYPE_CHECKING:  # pandas and SciPy are imported where used: `import partitioners` stays light
+    import pandas as pd
 
 from partitioners.base import Partition
 
@@ -101,6 +100,8 @@ def frechet_distances(embeddings: np.ndarray, client_indices: tuple[np.ndarray, 
     matrix whose eigenvalues are cheap and real; S gets a tiny ridge, since embeddings
     often have dead (constant) features that make it singular.
     """
+    from scipy.linalg import sqrtm
+
     dealt = np.concatenate(client_indices)
     mean, cov = _gaussian(embeddings[dealt])
     cov += np.eye(len(cov)) * 1e-9 * max(np.trace(cov) / len(cov), 1e-12)
@@ -169,6 +170,10 @@ def measure_skew(partition: Partition, embeddings: np.ndarray | None = None) -> 
     """Per-client label (and group, and embedding) distances to the federation's distribution."""
     labels = partition.label_matrix()
     p, q = distributions(labels), labels.sum(axis=0) / max(labels.sum(), 1)
+    import pandas as pd
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import entropy
+
     table = pd.DataFrame(
         {
             "client": np.arange(partition.num_clients),

@@ -6,19 +6,31 @@ attribute. Two more optional class attributes tell fedsim about the method:
 ``model_options`` (model options it requires, e.g. FedWon's ``{"norm": "none"}``) and
 ``personalized = True`` (clients evaluate their own models, so the global arrays are not
 evaluated on the server), and a ``validate_model(model)`` static method that raises
-ValueError for a model the method cannot train (FedBN: no BatchNorm). Every class here can be dropped into a plain Flower ServerApp.
+ValueError for a model the method cannot train (FedBN: no BatchNorm).
+
+Each class is an ordinary Flower strategy. In a Flower app of your own, give it its client
+half too (:mod:`fedsim.plain_flower`); FedBN and FedWon refuse replies from clients without it.
 """
 
-from strategies.fedavg import FedAvg
-from strategies.fedbn import FedBN
-from strategies.fedprox import FedProx
-from strategies.fedwon import FedWon
+from fedsim.registry import LazyRegistry
 
-STRATEGIES: dict[str, type] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedbn": FedBN,
-    "fedwon": FedWon,
-}
+# Each module is imported when its strategy is first used (Flower and PyTorch take a
+# second or two to import); `from strategies import FedBN` works as usual.
+STRATEGIES = LazyRegistry(
+    {
+        "fedavg": "strategies.fedavg:FedAvg",
+        "fedprox": "strategies.fedprox:FedProx",
+        "fedbn": "strategies.fedbn:FedBN",
+        "fedwon": "strategies.fedwon:FedWon",
+    }
+)
+_CLASSES = {"FedAvg": "fedavg", "FedProx": "fedprox", "FedBN": "fedbn", "FedWon": "fedwon"}
+
+
+def __getattr__(name: str):
+    if name in _CLASSES:
+        return STRATEGIES[_CLASSES[name]]
+    raise AttributeError(f"module 'strategies' has no attribute {name!r}")
+
 
 __all__ = ["STRATEGIES", "FedAvg", "FedBN", "FedProx", "FedWon"]

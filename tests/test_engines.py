@@ -150,7 +150,9 @@ def test_ray_replaces_a_dead_worker_and_retries_its_clients(tmp_path, monkeypatc
 @pytest.mark.ray
 def test_ray_reports_a_client_that_kills_its_worker_twice(tmp_path, monkeypatch):
     name = _write_crashing_strategy(tmp_path, monkeypatch, always=True)
-    experiment = tiny_experiment("rounds=1", f"strategy.name={name}:Crashing", "engine.name=ray", "engine.num_workers=2")
+    experiment = tiny_experiment(
+        "rounds=1", f"strategy.name={name}:Crashing", "engine.name=ray", "engine.num_workers=2"
+    )
     with pytest.raises(ClientFailure, match=r"client 1 failed in round 1 \(train\): WorkerDied"):
         run_experiment(experiment, tmp_path / "run")
 
@@ -210,8 +212,24 @@ def test_engine_options_are_checked(capsys):
     assert "[engine] num_workers = 0 is invalid" in capsys.readouterr().err
     assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.num_gpus=1.5"]) == 2
     assert "num_gpus = 1.5 is invalid" in capsys.readouterr().err
-    assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.device=cpu",
-                 "--set", "engine.num_gpus=0.5"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(QUICKSTART),
+                "--set",
+                "engine.name=ray",
+                "--set",
+                "engine.device=cpu",
+                "--set",
+                "engine.num_gpus=0.5",
+            ]
+        )
+        == 2
+    )
     assert "device = 'cpu'" in capsys.readouterr().err
     assert main(["run", str(QUICKSTART), "--set", "engine.name=inprocess", "--set", "engine.num_gpus=0.5"]) == 2
-    assert "'num_gpus' is not an option of engine 'inprocess' but of 'ray', 'flower'; set [engine] name = 'ray'" in capsys.readouterr().err
+    assert (
+        "'num_gpus' is not an option of engine 'inprocess' but of 'ray', 'flower'; set [engine] name = 'ray'"
+        in capsys.readouterr().err
+    )

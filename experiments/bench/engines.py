@@ -67,7 +67,8 @@ def plain_fedavg(config: Path, overrides: list[str]) -> float:
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     partition = split_dataset(experiment, dataset)
     clients = [
-        (torch.as_tensor(dataset.x_train[idx]), torch.as_tensor(dataset.y_train[idx])) for idx in (partition[c] for c in range(partition.num_clients))
+        (torch.as_tensor(dataset.x_train[idx]), torch.as_tensor(dataset.y_train[idx]))
+        for idx in (partition[c] for c in range(partition.num_clients))
     ]
     settings = experiment.client
     model = build_model(experiment.model.name, dataset.input_shape, dataset.num_classes, **experiment.model.params)
@@ -172,8 +173,10 @@ def scale(engines: list[str], sizes: list[int], sampled: int, rounds: int) -> di
                 "peak_rss_mib": run["peak_rss_mib"],
                 "command_s": run["command_s"],
             }
-            print(f"  scale {engine:9s} {size:6d} clients: {run['rounds_s'] / rounds:.3f} s/round, "
-                  f"driver peak RSS {run['peak_rss_mib']:.0f} MiB")
+            print(
+                f"  scale {engine:9s} {size:6d} clients: {run['rounds_s'] / rounds:.3f} s/round, "
+                f"driver peak RSS {run['peak_rss_mib']:.0f} MiB"
+            )
     return results
 
 
@@ -187,8 +190,15 @@ def gpu(workers: list[int], quick: bool) -> dict:
     results: dict = {}
     for model, options in models.items():
         for k in workers:
-            overrides = [*options, f"partition.num_clients={clients}", f"rounds={rounds}", "engine.name=ray",
-                         f"engine.num_workers={k}", f"engine.num_gpus={1 / k}", "engine.device=cuda"]
+            overrides = [
+                *options,
+                f"partition.num_clients={clients}",
+                f"rounds={rounds}",
+                "engine.name=ray",
+                f"engine.num_workers={k}",
+                f"engine.num_gpus={1 / k}",
+                "engine.device=cuda",
+            ]
             run = run_fedsim(W1, overrides)
             results[f"{model}/{k}"] = clients * rounds / run["rounds_s"]
             print(f"  gpu {model:15s} {k:2d} workers: {results[f'{model}/{k}']:.1f} client updates/s")
@@ -199,8 +209,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller scale study")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    parser.add_argument("--skip", action="append", default=[], choices=["flower", "ray", "scale"],
-                        help="leave out an engine or the scale study")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["flower", "ray", "scale"],
+        help="leave out an engine or the scale study",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     engines = [engine for engine in ENGINE_OVERRIDES if engine not in args.skip]
@@ -231,7 +246,9 @@ def main() -> None:
     if "scale" not in args.skip:
         print("Scale (10 clients sampled per round):")
         sizes = [100, 1_000, 10_000]
-        figures["scale"] = scale([e for e in engines if e != "flower"], sizes, sampled=10, rounds=2 if args.quick else 3)
+        figures["scale"] = scale(
+            [e for e in engines if e != "flower"], sizes, sampled=10, rounds=2 if args.quick else 3
+        )
 
     if torch.cuda.is_available():
         print(f"GPU ({torch.cuda.get_device_name(0)}):")

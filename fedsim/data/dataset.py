@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 SPLIT_SEED = 0  # the train/test split of a dataset never moves with the experiment seed
 
@@ -60,16 +60,33 @@ class ClientData:
 def stratified_split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, domain: np.ndarray | None = None
 ) -> tuple[np.ndarray, ...]:
-    """Stratified train/test split of (x, y[, domain]); falls back to a plain random split
-    when a class (or class-domain pair) is too rare to stratify, or a side would be too
-    small to hold every stratum."""
-    arrays = [x, y] if domain is None else [x, y, domain]
+    """Stratified train/test split of (x, y[, domain]), as ``(x_train, x_test, y_train,
+    y_test[, domain_train, domain_test])``; falls back to a plain random split when a class
+    (or class-domain pair) is too rare to stratify, or a side would be too small to hold
+    every stratum.
+
+    scikit-learn's ``train_test_split`` draws the split; its indices are cached on disk,
+    keyed by the labels, so that a run on a dataset seen before does not import
+    scikit-learn (a second or more) for it.
+    """
+    from fedsim.data.cache import cache_key, cached_arrays
+
     strata = y if domain is None else y * (int(domain.max()) + 1) + domain
+    key = cache_key(hashlib.sha256(np.ascontiguousarray(strata).tobytes()).hexdigest(), test_fraction, seed)
+    split = cached_arrays(f"splits/{key}", lambda: _split_indices(strata, test_fraction, seed))
+    arrays = [x, y] if domain is None else [x, y, domain]
+    return tuple(part for array in arrays for part in (array[split["train"]], array[split["test"]]))
+
+
+def _split_indices(strata: np.ndarray, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
     _, counts = np.unique(strata, return_counts=True)
-    n_test = math.ceil(test_fraction * len(y))  # how scikit-learn rounds a fractional test_size
-    roomy = min(n_test, len(y) - n_test) >= len(counts)
+    n_test = math.ceil(test_fraction * len(strata))  # how scikit-learn rounds a fractional test_size
+    roomy = min(n_test, len(strata) - n_test) >= len(counts)
     stratify = strata if counts.min() >= 2 and roomy else None
-    return tuple(train_test_split(*arrays, test_size=test_fraction, random_state=seed, stratify=stratify))
+    train, test = train_test_split(np.arange(len(strata)), test_size=test_fraction, random_state=seed, stratify=stratify)
+    return {"train": train, "test": test}
 
 
 def client_view(dataset: Dataset, indices: np.ndarray, test_fraction: float, seed: int) -> ClientData:
@@ -82,6 +99,8 @@ def client_view(dataset: Dataset, indices: np.ndarray, test_fraction: float, see
     if n_test >= len(y):
         n_test = len(y) - 1
     if _stratifiable(y, n_test):
+        from sklearn.model_selection import train_test_split
+
         train, test = train_test_split(np.arange(len(y)), test_size=n_test, random_state=seed, stratify=y)
     else:
         order = np.random.default_rng(seed).permutation(len(y))

@@ -41,7 +41,6 @@ from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from fedsim.data.cache import cached_arrays
 from fedsim.data.dataset import SPLIT_SEED, Dataset, stratified_split
@@ -272,7 +271,7 @@ def _synth(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     images = background * (1 - masks) + ink[:, :, None, None] * masks
     blur = rng.uniform(0.0, 0.8, n)
     for index in np.flatnonzero(blur > 0.3):  # some are slightly out of focus, like SVHN crops
-        images[index] = ndimage.gaussian_filter(images[index], sigma=(0, blur[index], blur[index]))
+        images[index] = _gaussian_filter(images[index], sigma=(0, blur[index], blur[index]))
     images += rng.normal(0, 0.03, images.shape).astype(np.float32)
     return to_uint8(images), labels.astype(np.int64)
 
@@ -286,7 +285,7 @@ def _texture(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     frequency = rng.uniform(0.15, 0.28, n).astype(np.float32)[:, None, None]
     phase = rng.uniform(0, 2 * np.pi, n).astype(np.float32)[:, None, None]
     grating = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * (cols * np.cos(angle) + rows * np.sin(angle)) + phase)
-    noise = ndimage.gaussian_filter(rng.random((n, SIZE, SIZE), dtype=np.float32), sigma=(0, 1.5, 1.5))
+    noise = _gaussian_filter(rng.random((n, SIZE, SIZE), dtype=np.float32), sigma=(0, 1.5, 1.5))
     noise = (noise - noise.mean(axis=(1, 2), keepdims=True)) / (noise.std(axis=(1, 2), keepdims=True) + 1e-6)
     noise = np.clip(0.5 + 0.2 * noise, 0, 1)
     ink, paper = _contrasting_colours(n, rng, min_gap=0.2)
@@ -305,3 +304,10 @@ def sample_grid(path: str | os.PathLike[str], per_domain: int = 12) -> None:
         rows.append(np.concatenate(list(arrays["x"][members].transpose(0, 2, 3, 1)), axis=1))
     grid = np.concatenate(rows, axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.Resampling.NEAREST).save(path)
+
+
+def _gaussian_filter(*args, **kwargs) -> np.ndarray:
+    """SciPy's, imported on first use: the domains are generated once and cached."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(*args, **kwargs)

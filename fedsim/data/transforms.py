@@ -28,7 +28,6 @@ from typing import Annotated
 
 import numpy as np
 from pydantic import AfterValidator
-from scipy import ndimage
 
 from fedsim.data.dataset import SPLIT_SEED, Dataset
 
@@ -40,6 +39,8 @@ def _identity(x: np.ndarray, _: float, __: np.random.Generator) -> np.ndarray:
 
 
 def _rotate(x: np.ndarray, degrees: float, _: np.random.Generator) -> np.ndarray:
+    from scipy import ndimage
+
     return ndimage.rotate(x, degrees, axes=(-1, -2), reshape=False, order=1, mode="constant", cval=0.0)
 
 
@@ -52,6 +53,8 @@ def _noise(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _blur(x: np.ndarray, sigma: float, _: np.random.Generator) -> np.ndarray:
+    from scipy import ndimage
+
     return ndimage.gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="nearest")
 
 

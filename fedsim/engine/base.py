@@ -21,6 +21,8 @@ class Engine(Protocol):
     device: str  # "auto", "cpu" or "cuda[:N]", for the clients and the server's evaluation
     client_threads: int | None  # torch threads per client (None: torch's default)
 
-    def execute(self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition) -> None:
+    def execute(
+        self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition
+    ) -> None:
         """Run ``server_main`` with a Grid whose nodes run ``client_app``, one per client
         of ``partition``; ``env`` describes the run to the processes that host clients."""

@@ -54,7 +54,9 @@ class FlowerEngine:
             "init_args": init_args,
         }
 
-    def execute(self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition) -> None:
+    def execute(
+        self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition
+    ) -> None:
         from flwr.simulation import run_simulation
 
         from fedsim.engine.ray import quiet_ray_environment

@@ -17,9 +17,9 @@ from flwr.clientapp import ClientApp
 from pydantic import Field, StringConstraints
 
 from fedsim.engine.base import ServerMain
-from fedsim.environment import RunEnvironment
 from fedsim.engine.grid import SimulatedGrid
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
+from fedsim.environment import RunEnvironment
 from partitioners import Partition
 
 Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]
@@ -55,7 +55,9 @@ class InProcessEngine:
         """Torch threads for each client and the server's evaluation."""
         return self.num_threads
 
-    def execute(self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition) -> None:
+    def execute(
+        self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition
+    ) -> None:
         grid = InProcessGrid(client_app, partition.num_clients)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         server_main(grid, context)

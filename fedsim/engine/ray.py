@@ -140,7 +140,9 @@ class RayEngine:
             return self.requested_device
         return "cuda" if self.layout()[1] > 0 else "cpu"
 
-    def execute(self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition) -> None:
+    def execute(
+        self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition
+    ) -> None:
         import ray
 
         self._started_ray |= connect(self.address)
@@ -275,4 +277,6 @@ def _worker_died(task: ClientTask, error: Exception) -> TaskResult:
         f"native code): {first_line}"
     )
     request = Message(content=RecordDict(), metadata=task.metadata)
-    return TaskResult(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=request), task.state)
+    return TaskResult(
+        Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=request), task.state
+    )
