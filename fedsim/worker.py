@@ -52,6 +52,10 @@ class Worker:
             self._views[client] = client_view(self.dataset, self.partition[client], fraction, seed)
         return self._views[client]
 
+    def cached_clients(self) -> list[int]:
+        """The clients whose data views this worker holds: those it has run."""
+        return sorted(self._views)
+
     def model(self) -> nn.Module:
         """The run's model, on the worker's device, built once and reused by every client:
         a trainer's ``receive`` sets all of its parameters and buffers."""
