@@ -20,6 +20,7 @@ from fedsim.engine.base import ServerMain
 from fedsim.engine.grid import SimulatedGrid
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
+from fedsim.worker import settle_garbage_collector, worker_for
 from partitioners import Partition
 
 Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]
@@ -58,6 +59,8 @@ class InProcessEngine:
     def execute(
         self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition
     ) -> None:
+        worker_for(env)  # the data, the model and PyTorch's lazy imports, before the first round
+        settle_garbage_collector()
         grid = InProcessGrid(client_app, partition.num_clients)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         server_main(grid, context)

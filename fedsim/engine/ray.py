@@ -168,9 +168,10 @@ class WorkerActor:
 
     def ready(self) -> int:
         """Load the worker (dataset, partition, model) before the first round; the pid."""
-        from fedsim.worker import worker_for
+        from fedsim.worker import settle_garbage_collector, worker_for
 
         worker_for(self.env)
+        settle_garbage_collector()
         return os.getpid()
 
     def run(self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:
