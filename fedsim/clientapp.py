@@ -69,12 +69,11 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        env = environment_for(context)
-        worker = worker_for(env)
+        worker = worker_for(environment_for(context))
         client = client_id(context)
         config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
         server_round = config.server_round
-        seed = derive_seed(env.experiment.seed, "train", server_round, client)
+        seed = derive_seed(worker.env.experiment.seed, "train", server_round, client)
         seed_torch_globally(seed, worker.device)  # dropout and any other global-RNG draw in the model
         data = worker.client_data(client)
         result = worker.trainer.train(
