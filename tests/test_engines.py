@@ -233,3 +233,79 @@ def test_engine_options_are_checked(capsys):
         "'num_gpus' is not an option of engine 'inprocess' but of 'ray', 'flower'; set [engine] name = 'ray'"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.ray
+def test_the_ray_engine_joins_a_running_cluster(tmp_path):
+    """`ray start --head` first, then the head's address and `"ray://127.0.0.1:PORT"`
+    (Ray Client) run on it, and leave it running."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    head_port, client_port = ports
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    start = [
+        ray_cli,
+        "start",
+        "--head",
+        "--num-cpus=2",
+        f"--port={head_port}",
+        f"--ray-client-server-port={client_port}",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(start, check=True, capture_output=True, env=env)
+    try:
+        reference = tiny_experiment("rounds=1")
+        run_experiment(reference, tmp_path / "local")
+        for name, address in (("head", f"127.0.0.1:{head_port}"), ("client", f"ray://127.0.0.1:{client_port}")):
+            experiment = tiny_experiment("rounds=1", "engine.name=ray", f"engine.address={address!r}")
+            run_experiment(experiment, tmp_path / name)
+            assert (tmp_path / name / "metrics.csv").read_bytes() == (tmp_path / "local/metrics.csv").read_bytes()
+        status = subprocess.run(
+            [ray_cli, "status", f"--address=127.0.0.1:{head_port}"], capture_output=True, text=True, env=env
+        )
+        assert status.returncode == 0, "the cluster is still up after the runs"
+    finally:
+        _stop_processes_mentioning(temp_dir)  # this cluster only; `ray stop` ends every one
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_processes_mentioning(text: str) -> None:
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    def matching() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if text.encode() in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in matching():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while matching() and time.monotonic() < deadline:
+            time.sleep(0.2)
