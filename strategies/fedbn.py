@@ -5,6 +5,16 @@ num_batches_tracked) is kept in the client's persistent state across rounds and 
 sent; the server averages everything else. Each client evaluates its own model: the
 shared weights plus its own BatchNorm layers. On a model without BatchNorm, FedBN is
 FedAvg.
+
+The server, which has no model, recognises BatchNorm arrays by name
+(:func:`batchnorm_keys_by_name`). It sends with every message the shared arrays plus the
+initial model's BatchNorm values, so every message is a complete model: a client with
+BatchNorm of its own replaces those entries, and a client seen for the first time starts
+from freshly initialised BatchNorm, as FedBN prescribes. It refuses a reply that carries
+BatchNorm arrays, which a ClientApp without FedBN's client half sends: averaging them
+would silently be FedAvg. The client half is :class:`FedBNTrainer` (fedsim's ClientApp,
+and :func:`fedsim.plain_flower.client_app` for a plain Flower app), or
+:func:`fedsim.plain_flower.fedbn_mod` around a ClientApp of your own.
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
@@ -21,30 +32,39 @@ from torch import nn
 from fedsim.models.norm import batchnorm_keys
 from fedsim.trainer import ClientState, ClientTrainer
 
+BATCHNORM_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def batchnorm_keys_by_name(keys: Iterable[str]) -> set[str]:
+    """The BatchNorm entries among a state dict's keys, recognised by name where there is
+    no model (:func:`fedsim.models.norm.batchnorm_keys` asks the model): a module prefix
+    ``p`` is BatchNorm when ``p.running_mean`` is a key, and then its weight, bias,
+    running_mean, running_var and num_batches_tracked are. A BatchNorm layer built with
+    ``track_running_stats=False`` has no running_mean and is not recognised."""
+    keys = set(keys)
+    prefixes = {key.removesuffix("running_mean") for key in keys if key.split(".")[-1] == "running_mean"}
+    return {prefix + entry for prefix in prefixes for entry in BATCHNORM_ENTRIES if prefix + entry in keys}
+
 
 class FedBNTrainer(ClientTrainer):
-    """FedAvg's local training, with the BatchNorm layers taken from and kept in the
-    client's state instead of the server's arrays."""
+    """FedAvg's local training; the BatchNorm layers stay in the client's state.
+
+    The server's arrays are a complete model (FedBN's server sends the initial BatchNorm
+    values with the shared arrays); a client that has BatchNorm of its own uses it instead.
+    """
 
     def receive(self, model: nn.Module, arrays: ArrayRecord, state: ClientState) -> None:
         local = batchnorm_keys(model)
         incoming = arrays.to_torch_state_dict()
-        if not state:
-            # This client's first message: it has no BatchNorm of its own yet, so BN starts
-            # from a freshly built layer's values (after round 1 the server's arrays hold
-            # none, and the worker's model holds the previous client's).
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.reset_parameters()
-            missing, unexpected = model.load_state_dict(incoming, strict=False)
-            if unexpected or set(missing) - local:
-                raise ValueError(
-                    f"the server's arrays do not fit the model: missing {missing}, unexpected {unexpected}"
-                )
-            return
-        shared = {key: value for key, value in incoming.items() if key not in local}
-        own = {key: torch.as_tensor(state[key]) for key in local}
-        model.load_state_dict({**shared, **own}, strict=True)
+        own = {key: torch.as_tensor(state[key]) for key in local if key in state}
+        missing = sorted(key for key in local if key not in incoming and key not in own)
+        if missing:
+            raise ValueError(
+                f"FedBN: the server sent no BatchNorm values for a client without its own ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); strategies.fedbn.FedBN sends them with every message"
+            )
+        # strict: the model is reused by every client a worker runs, so all of it is set here
+        model.load_state_dict({**incoming, **own}, strict=True)
 
     def send(self, model: nn.Module, state: ClientState) -> tuple[ArrayRecord, ClientState]:
         local = batchnorm_keys(model)
@@ -58,10 +78,17 @@ class FedBN(FedAvg):
 
     ``weighting = "uniform"`` (the authors' choice) gives every client the same weight in
     the average; ``"samples"`` weights by training examples as FedAvg does.
+
+    The first ``configure_train`` or ``configure_evaluate`` remembers the BatchNorm arrays
+    of the arrays it is given (the initial model's) in ``initial_batchnorm``; every message
+    then carries the shared arrays plus those. ``aggregate_train`` raises ValueError on a
+    reply that carries BatchNorm arrays.
     """
 
     client_trainer = FedBNTrainer
     personalized = True  # the global arrays alone are not a model any client uses
+    initial_batchnorm: ArrayRecord | None = None  # the initial model's BN arrays, once seen
+    initial_order: list[str] | None = None  # the initial model's keys, in order
 
     @staticmethod
     def validate_model(model: nn.Module) -> None:
@@ -77,9 +104,57 @@ class FedBN(FedAvg):
             raise ValueError(f"weighting must be 'uniform' or 'samples', got {weighting!r}")
         self.weighting = weighting
 
+    def with_initial_batchnorm(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The shared arrays plus the initial model's BatchNorm values, in the initial
+        model's order: a complete model for any client."""
+        if self.initial_batchnorm is None:
+            batchnorm = batchnorm_keys_by_name(arrays.keys())
+            self.initial_batchnorm = ArrayRecord({key: arrays[key] for key in arrays.keys() if key in batchnorm})
+            self.initial_order = list(arrays.keys())
+        initial = self.initial_batchnorm
+        known = set(self.initial_order)
+        order = [*self.initial_order, *(key for key in arrays.keys() if key not in known)]
+        complete = {}
+        for key in order:
+            if key in initial:
+                complete[key] = initial[key]
+            elif key in arrays:
+                complete[key] = arrays[key]
+        return ArrayRecord(complete)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_train(server_round, self.with_initial_batchnorm(arrays), config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, self.with_initial_batchnorm(arrays), config, grid)
+
+    @staticmethod
+    def refuse_batchnorm(replies: list[Message]) -> None:
+        """A reply with BatchNorm arrays comes from a ClientApp that does not keep them
+        local: averaging it would silently be FedAvg."""
+        for reply in replies:
+            if reply.has_error():
+                continue
+            for record in reply.content.array_records.values():
+                found = sorted(batchnorm_keys_by_name(record.keys()))
+                if found:
+                    raise ValueError(
+                        f"FedBN: the reply of node {reply.metadata.src_node_id} carries BatchNorm arrays "
+                        f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): its ClientApp does not keep "
+                        "BatchNorm local, and averaging them would be FedAvg. Use fedsim's ClientApp, "
+                        "fedsim.plain_flower.client_app(FedBN, model_fn, data_fn), or add "
+                        "fedsim.plain_flower.fedbn_mod to your ClientApp's mods"
+                    )
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.refuse_batchnorm(replies)
         if self.weighting == "samples":
             return super().aggregate_train(server_round, replies)
         # FedAvg's aggregation with every client's arrays weighted equally; metrics keep

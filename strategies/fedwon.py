@@ -4,20 +4,30 @@ Every normalisation layer is removed and every convolution reparameterised with 
 weight standardisation (:class:`fedsim.models.norm.WSConv2d`); clients train with
 adaptive gradient clipping (Brock et al., 2021) and the server averages all parameters
 as FedAvg does. With no batch statistics, it trains at batch size 1.
+
+The server sends AGC's threshold as ``agc-lambda`` in every train config; the client half
+(:class:`FedWonTrainer`: fedsim's ClientApp, or :func:`fedsim.plain_flower.client_app`
+in a plain Flower app) reports the threshold it applied as the train metric
+``agc-lambda``, and the server refuses a reply without it, which comes from a ClientApp
+that did not clip: averaging it would silently be FedAvg.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from fedsim.data import ClientData
 from fedsim.models.norm import has_normalization
 from fedsim.trainer import ClientTrainer, RoundConfig
 
 AGC_EPS = 1e-3  # the floor on a weight's norm, so zero-initialised units can still move
+AGC_LAMBDA = "agc-lambda"  # the threshold: sent in the train config, reported as a train metric
 
 
 def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -42,13 +52,45 @@ def adaptive_clip_(parameters: Iterable[nn.Parameter], clip_lambda: float, eps: 
         parameter.grad.mul_(scale)
 
 
+def classifier(model: nn.Module) -> nn.Module:
+    """The layer AGC leaves alone, as NFNets do: ``model.head`` (every fedsim model has
+    one), else the model's last ``nn.Linear``, else none (an empty module)."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module):
+        return head
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else nn.Module()
+
+
 class FedWonTrainer(ClientTrainer):
-    """FedAvg's local SGD with adaptive gradient clipping on every layer but the classifier."""
+    """FedAvg's local SGD with adaptive gradient clipping on every layer but the classifier
+    (:func:`classifier`), at the server's threshold; the threshold applied is reported as
+    the train metric ``agc-lambda``."""
+
+    @staticmethod
+    def clip_lambda(config: RoundConfig) -> float:
+        if AGC_LAMBDA not in config.extra:
+            raise ValueError(
+                f"FedWon's client needs AGC's threshold {AGC_LAMBDA!r} in the train config, "
+                "which strategies.fedwon.FedWon sends"
+            )
+        return float(config.extra[AGC_LAMBDA])
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: ClientData,
+        config: RoundConfig,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> dict[str, float]:
+        clip_lambda = self.clip_lambda(config)
+        return {**super().fit(model, data, config, generator, device), AGC_LAMBDA: clip_lambda}
 
     def before_step(self, model: nn.Module, config: RoundConfig) -> None:
-        head = {id(p) for p in model.head.parameters()}
+        head = {id(p) for p in classifier(model).parameters()}
         body = [p for p in model.parameters() if id(p) not in head]
-        adaptive_clip_(body, float(config.extra["agc-lambda"]))
+        adaptive_clip_(body, self.clip_lambda(config))
 
 
 class FedWon(FedAvg):
@@ -80,5 +122,31 @@ class FedWon(FedAvg):
         self.clip_lambda = clip_lambda
 
     def configure_train(self, server_round, arrays, config, grid):
-        config["agc-lambda"] = self.clip_lambda
+        config[AGC_LAMBDA] = self.clip_lambda
         return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's aggregation, of replies whose clients applied this strategy's AGC."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            applied = [record[AGC_LAMBDA] for record in reply.content.metric_records.values() if AGC_LAMBDA in record]
+            if not applied:
+                raise ValueError(
+                    f"FedWon: the reply of node {node} has no {AGC_LAMBDA!r} train metric, so its ClientApp did "
+                    "not apply FedWon's adaptive gradient clipping (AGC), and averaging it would be FedAvg. Use "
+                    "fedsim's ClientApp or fedsim.plain_flower.client_app(FedWon, model_fn, data_fn); a ClientApp "
+                    f"of your own must clip with strategies.fedwon.adaptive_clip_ at the config's {AGC_LAMBDA!r} "
+                    f"and report that value as the train metric {AGC_LAMBDA!r}"
+                )
+            for value in applied:
+                if not isinstance(value, (int, float)) or not math.isclose(value, self.clip_lambda, rel_tol=1e-6):
+                    raise ValueError(
+                        f"FedWon: node {node} applied AGC at {AGC_LAMBDA} = {value}, but this strategy's "
+                        f"clip_lambda is {self.clip_lambda}; the client must clip at the threshold the server sends"
+                    )
+        return super().aggregate_train(server_round, replies)

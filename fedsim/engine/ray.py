@@ -74,8 +74,10 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
 
 
 class RayEngine:
-    """fedsim's Ray engine: ``num_workers`` actor workers, each with ``num_cpus`` CPUs
-    and ``num_gpus`` of a GPU, running each round's clients in chunks.
+    """A pool of Ray actor workers, each running a chunk of every round's clients: many
+    CPUs, shared GPUs, a Ray cluster.
+
+    There are ``num_workers`` workers, each with ``num_cpus`` CPUs and ``num_gpus`` of a GPU.
 
     ``num_workers`` defaults to one per ``num_cpus`` CPUs of the cluster, or, with
     ``num_gpus`` set, one per GPU share (whichever is fewer). ``device = "auto"`` trains

@@ -1,0 +1,392 @@
+"""fedsim's strategies in plain Flower apps (fedsim.plain_flower): the client halves keep
+FedBN's BatchNorm local and apply FedWon's AGC, and the server halves refuse replies from
+ClientApps without them, instead of silently running FedAvg."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+from torch.nn import functional as F
+
+from fedsim.data import load_dataset
+from fedsim.models import build_model
+from fedsim.models.norm import WSConv2d, batchnorm_keys
+from fedsim.plain_flower import BATCHNORM_KEY, STATE_KEY, client_app, fedbn_mod
+from strategies.fedbn import FedBN, batchnorm_keys_by_name
+from strategies.fedwon import FedWon
+
+ROOT = Path(__file__).resolve().parents[1]
+README_SECTION = "### fedsim's strategies in your own Flower app"
+NUM_CLIENTS = 3
+DIGITS = load_dataset("digits")
+
+
+# -- a user's own model, data and ClientApp ---------------------------------------------
+def bn_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 10)
+    )
+
+
+def norm_free_model() -> nn.Module:
+    return nn.Sequential(WSConv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+
+
+def scaled_digits(context: Context):
+    """Client i: every third digit, scaled by i + 1, so that BatchNorm statistics differ."""
+    i = int(context.node_config["partition-id"])
+    part, scale = slice(i, None, NUM_CLIENTS), i + 1.0
+    return DIGITS.x_train[part] * scale, DIGITS.y_train[part], DIGITS.x_test[part] * scale, DIGITS.y_test[part]
+
+
+def ordinary_app(model_fn, mods=None) -> ClientApp:
+    """A ClientApp as Flower's tutorials write it: local SGD, the whole state dict back."""
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        model = model_fn()
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        x, y, _, _ = (torch.as_tensor(part) for part in scaled_digits(context))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        for start in range(0, len(y), 32):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[start : start + 32]), y[start : start + 32]).backward()
+            optimizer.step()
+        metrics = MetricRecord({"num-examples": len(y)})
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        model = model_fn()
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        model.eval()
+        _, _, x, y = (torch.as_tensor(part) for part in scaled_digits(context))
+        with torch.no_grad():
+            accuracy = float((model(x).argmax(1) == y).float().mean())
+        return Message(
+            RecordDict({"metrics": MetricRecord({"accuracy": accuracy, "num-examples": len(y)})}), reply_to=message
+        )
+
+    return app
+
+
+def bn_probe(state_key: str):
+    """A Mod that adds, to each evaluate reply, the client id and its first BatchNorm
+    layer's running mean and batch count, as kept in ``context.state[state_key]``."""
+
+    def probe(message: Message, context: Context, call_next) -> Message:
+        reply = call_next(message, context)
+        if message.metadata.message_type == MessageType.EVALUATE and state_key in context.state:
+            own = context.state.array_records[state_key]
+            metrics = reply.content["metrics"]
+            metrics["client"] = int(context.node_config["partition-id"])
+            metrics["bn-running-mean"] = own["1.running_mean"].numpy().astype(float).tolist()
+            metrics["bn-batches"] = int(own["1.num_batches_tracked"].numpy())
+        return reply
+
+    return probe
+
+
+class Recording:
+    """Records what a strategy sends in each round and what each client reports in evaluation."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent = {**getattr(self, "sent", {}), server_round: messages[0].content["arrays"]}
+        return messages
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        self.evaluated = {**getattr(self, "evaluated", {}), server_round: [dict(r.content["metrics"]) for r in replies]}
+        return super().aggregate_evaluate(server_round, replies)
+
+
+class RecordingFedBN(Recording, FedBN):
+    pass
+
+
+class RecordingFedWon(Recording, FedWon):
+    pass
+
+
+# -- one Flower simulation, every scenario in turn ------------------------------------------
+# name: (strategy, model, ClientApp, rounds)
+SCENARIOS = {
+    "fedbn, fedsim's client": (
+        RecordingFedBN, bn_model, client_app(FedBN, bn_model, scaled_digits, mods=[bn_probe(STATE_KEY)]), 2
+    ),
+    "fedbn, ordinary client": (FedBN, bn_model, ordinary_app(bn_model), 1),
+    "fedbn, ordinary client with fedbn_mod": (
+        RecordingFedBN, bn_model, ordinary_app(bn_model, mods=[bn_probe(BATCHNORM_KEY), fedbn_mod]), 2
+    ),
+    "fedwon, ordinary client": (FedWon, norm_free_model, ordinary_app(norm_free_model), 1),
+    "fedwon, fedsim's client": (RecordingFedWon, norm_free_model, client_app(FedWon, norm_free_model, scaled_digits), 2),
+}  # fmt: skip
+
+
+def _scenario(message: Message) -> str:
+    return str(message.content["config"]["scenario"])
+
+
+dispatching_app = ClientApp()  # hands each message to its scenario's ClientApp
+
+
+@dispatching_app.train()
+def _train(message: Message, context: Context) -> Message:
+    return SCENARIOS[_scenario(message)][2](message, context)
+
+
+@dispatching_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    return SCENARIOS[_scenario(message)][2](message, context)
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """One run_simulation (Ray starts once) whose ServerApp plays every scenario: for each,
+    the strategy and its Result, or the exception it raised."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    found = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name, (strategy_cls, model_fn, _, rounds) in SCENARIOS.items():
+            torch.manual_seed(0)
+            strategy = strategy_cls(min_available_nodes=NUM_CLIENTS)
+            strategy.initial = ArrayRecord(model_fn().state_dict())
+            try:
+                found[name] = (
+                    strategy,
+                    strategy.start(
+                        grid=grid,
+                        initial_arrays=strategy.initial,
+                        num_rounds=rounds,
+                        train_config=ConfigRecord({"scenario": name, "lr": 0.1}),
+                        evaluate_config=ConfigRecord({"scenario": name}),
+                        timeout=60,  # a broken simulation fails the test instead of hanging it
+                    ),
+                )
+            except ValueError as error:
+                found[name] = strategy, error
+                continue
+            if not found[name][1].train_metrics_clientapp:
+                raise RuntimeError(f"{name}: no client replied")
+
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(server_app, dispatching_app, NUM_CLIENTS, backend_config={"client_resources": {"num_cpus": 1}})
+    finally:  # Flower's Ray backend sets PYTHONPATH to this process's sys.path; later tests start Ray too
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
+    return found
+
+
+def _succeeded(outcomes, name):
+    strategy, result = outcomes[name]
+    assert not isinstance(result, Exception), f"{name}: {result}"
+    return strategy, result
+
+
+def _assert_batchnorm_stayed_local(strategy, result) -> None:
+    initial = strategy.initial
+    bn = batchnorm_keys_by_name(initial.keys())
+    assert bn, "the test model has BatchNorm"
+    assert not batchnorm_keys_by_name(result.arrays.keys()), "BatchNorm arrays were averaged"
+    assert set(result.arrays.keys()) == set(initial.keys()) - bn
+    for key in bn:  # round 2 sends the initial BatchNorm values with the shared arrays
+        assert np.array_equal(strategy.sent[2][key].numpy(), initial[key].numpy()), key
+    assert set(strategy.sent[2].keys()) == set(initial.keys())
+    # Each client's own running statistics: different for every client (its inputs are
+    # scaled differently), and carried from round 1 into round 2 by context.state.
+    first, second = ({m["client"]: m for m in strategy.evaluated[r]} for r in (1, 2))
+    assert sorted(second) == list(range(NUM_CLIENTS))
+    means = [np.array(second[client]["bn-running-mean"]) for client in range(NUM_CLIENTS)]
+    for a in range(NUM_CLIENTS):
+        for b in range(a + 1, NUM_CLIENTS):
+            assert not np.allclose(means[a], means[b], rtol=0.05), (a, b)
+    for client in range(NUM_CLIENTS):
+        assert first[client]["bn-batches"] > 0
+        assert second[client]["bn-batches"] == 2 * first[client]["bn-batches"]
+
+
+# -- the README's example --------------------------------------------------------------------
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split(README_SECTION, 1)[1].split("\n#", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_the_readme_example_uses_fedsims_client_half():
+    code = readme_example()
+    assert "client_app(FedBN" in code and "run_simulation(" in code
+
+
+@pytest.mark.ray
+def test_the_readme_example_runs(tmp_path):
+    script = tmp_path / "fedbn_app.py"
+    script.write_text(readme_example())
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    accuracy = float(re.search(r"mean client accuracy after 3 rounds: ([0-9.]+)", done.stdout).group(1))
+    assert accuracy > 0.85
+
+
+# -- plain Flower apps under run_simulation ------------------------------------------------
+@pytest.mark.ray
+def test_fedbn_with_fedsims_client_app_keeps_batchnorm_local(outcomes):
+    strategy, result = _succeeded(outcomes, "fedbn, fedsim's client")
+    _assert_batchnorm_stayed_local(strategy, result)
+    assert result.evaluate_metrics_clientapp[2]["accuracy"] > 0.6
+
+
+@pytest.mark.ray
+def test_fedbn_refuses_an_ordinary_client_app(outcomes):
+    _, error = outcomes["fedbn, ordinary client"]
+    assert isinstance(error, ValueError)
+    assert re.search(r"FedBN: the reply of node \d+ carries BatchNorm arrays", str(error))
+    assert "fedbn_mod" in str(error) and "does not keep BatchNorm local" in str(error)
+
+
+@pytest.mark.ray
+def test_fedbn_mod_makes_an_ordinary_client_app_keep_batchnorm_local(outcomes):
+    strategy, result = _succeeded(outcomes, "fedbn, ordinary client with fedbn_mod")
+    _assert_batchnorm_stayed_local(strategy, result)
+    assert result.evaluate_metrics_clientapp[2]["accuracy"] > 0.6
+
+
+@pytest.mark.ray
+def test_fedwon_refuses_an_ordinary_client_app(outcomes):
+    _, error = outcomes["fedwon, ordinary client"]
+    assert isinstance(error, ValueError)
+    assert "has no 'agc-lambda' train metric" in str(error) and "adaptive gradient clipping" in str(error)
+
+
+@pytest.mark.ray
+def test_fedwon_with_fedsims_client_app_trains(outcomes):
+    strategy, result = _succeeded(outcomes, "fedwon, fedsim's client")
+    assert result.train_metrics_clientapp[2]["agc-lambda"] == pytest.approx(strategy.clip_lambda)
+    assert result.evaluate_metrics_clientapp[2]["accuracy"] > 0.5
+
+
+# -- the server halves, without a simulation -------------------------------------------------
+class Nodes:
+    """Just enough of a Grid for a strategy's configure_* methods."""
+
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def _reply(content: RecordDict, node: int = 12) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+
+
+def _train_reply(arrays: ArrayRecord, node: int = 12, **metrics) -> Message:
+    return _reply(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10, **metrics})}), node)
+
+
+def test_batchnorm_is_recognised_by_name_as_by_the_model():
+    model = build_model("resnet", (3, 28, 28), 10, norm="bn", width=4)
+    assert batchnorm_keys_by_name(model.state_dict()) == batchnorm_keys(model)
+    assert not batchnorm_keys_by_name(build_model("resnet", (3, 28, 28), 10, norm="gn", width=4).state_dict())
+    assert batchnorm_keys_by_name(nn.BatchNorm1d(3).state_dict()) == set(nn.BatchNorm1d(3).state_dict())
+
+
+def test_fedbn_sends_the_initial_batchnorm_with_every_message_and_checkpoints_it():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1  # messages outside a run
+    torch.manual_seed(0)
+    initial = ArrayRecord(bn_model().state_dict())
+    bn = batchnorm_keys_by_name(initial.keys())
+    strategy = FedBN(min_available_nodes=2)
+    first = list(strategy.configure_train(1, initial, ConfigRecord(), Nodes()))
+    assert list(first[0].content["arrays"].keys()) == list(initial.keys())
+    shared = ArrayRecord({key: Array(np.asarray(initial[key].numpy() + 1)) for key in initial.keys() if key not in bn})
+    restored = pickle.loads(pickle.dumps(strategy))  # fedsim's checkpoint pickles the strategy
+    for later in (strategy, restored):
+        for messages in (
+            later.configure_train(2, shared, ConfigRecord(), Nodes()),
+            later.configure_evaluate(2, shared, ConfigRecord(), Nodes()),
+        ):
+            for message in messages:
+                sent = message.content["arrays"]
+                assert list(sent.keys()) == list(initial.keys()), "a complete model, in the model's order"
+                for key in sent.keys():
+                    expected = initial[key] if key in bn else shared[key]
+                    assert np.array_equal(sent[key].numpy(), expected.numpy()), key
+
+
+def test_fedbn_refuses_replies_with_batchnorm():
+    torch.manual_seed(0)
+    full = ArrayRecord(bn_model().state_dict())
+    shared = ArrayRecord({key: full[key] for key in full.keys() if key not in batchnorm_keys_by_name(full.keys())})
+    strategy = FedBN()
+    for weighting in ("uniform", "samples"):
+        strategy.weighting = weighting
+        arrays, _ = strategy.aggregate_train(1, [_train_reply(shared, 11), _train_reply(shared, 12)])
+        assert set(arrays.keys()) == set(shared.keys())
+        with pytest.raises(ValueError, match=r"reply of node 12 carries BatchNorm arrays \(1\.bias, 1\.num_batches"):
+            strategy.aggregate_train(1, [_train_reply(shared, 11), _train_reply(full, 12)])
+
+
+def test_fedwon_refuses_replies_without_its_clipping():
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    strategy = FedWon(clip_lambda=0.5)
+    strategy.aggregate_train(1, [_train_reply(arrays, 11, **{"agc-lambda": 0.5})])
+    with pytest.raises(ValueError, match="node 12 has no 'agc-lambda' train metric"):
+        strategy.aggregate_train(1, [_train_reply(arrays, 11, **{"agc-lambda": 0.5}), _train_reply(arrays, 12)])
+    with pytest.raises(ValueError, match="node 12 applied AGC at agc-lambda = 0.1"):
+        strategy.aggregate_train(1, [_train_reply(arrays, 12, **{"agc-lambda": 0.1})])
+
+
+def test_fedbn_mod_swaps_in_the_clients_own_batchnorm_without_touching_the_message():
+    torch.manual_seed(0)
+    initial = ArrayRecord(bn_model().state_dict())
+    bn = batchnorm_keys_by_name(initial.keys())
+    context = Context(run_id=0, node_id=12, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    received = []
+
+    def train(message: Message, context: Context) -> Message:
+        arrays = message.content["arrays"]
+        received.append(arrays)
+        trained = ArrayRecord(
+            {key: Array(np.asarray(arrays[key].numpy() + 1)) for key in arrays.keys()}
+        )  # a full state dict
+        return Message(RecordDict({"arrays": trained, "metrics": MetricRecord({"num-examples": 1})}), reply_to=message)
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+    content = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1})})
+    first = fedbn_mod(Message(content, dst_node_id=12, message_type=MessageType.TRAIN), context, train)
+    assert set(first.content["arrays"].keys()) == set(initial.keys()) - bn, "BatchNorm stays on the client"
+    own = context.state.array_records[BATCHNORM_KEY]
+    assert set(own.keys()) == bn
+    assert np.array_equal(own["1.running_mean"].numpy(), initial["1.running_mean"].numpy() + 1)
+
+    untouched = copy.deepcopy({key: initial[key].numpy() for key in initial.keys()})
+    second = Message(content, dst_node_id=12, message_type=MessageType.TRAIN)
+    fedbn_mod(second, context, train)
+    for key in initial.keys():  # the client trained from its own BatchNorm and the server's rest
+        expected = own[key].numpy() if key in bn else initial[key].numpy()
+        assert np.array_equal(received[-1][key].numpy(), expected), key
+    assert second.content["arrays"] is initial, "the received message is left alone"
+    for key in initial.keys():
+        assert np.array_equal(initial[key].numpy(), untouched[key]), key
