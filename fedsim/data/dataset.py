@@ -85,7 +85,9 @@ def _split_indices(strata: np.ndarray, test_fraction: float, seed: int) -> dict[
     n_test = math.ceil(test_fraction * len(strata))  # how scikit-learn rounds a fractional test_size
     roomy = min(n_test, len(strata) - n_test) >= len(counts)
     stratify = strata if counts.min() >= 2 and roomy else None
-    train, test = train_test_split(np.arange(len(strata)), test_size=test_fraction, random_state=seed, stratify=stratify)
+    train, test = train_test_split(
+        np.arange(len(strata)), test_size=test_fraction, random_state=seed, stratify=stratify
+    )
     return {"train": train, "test": test}
 
 
