@@ -82,3 +82,22 @@ def test_report_is_json_ready_with_empty_clients_as_null():
     assert data["clients"]["hellinger"][1] is None
     assert data["clients"]["size"] == [2, 0, 2]
     assert data["summary"]["num_clients"] == 3
+
+
+def test_entropy_and_jensen_shannon_agree_with_scipy():
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import entropy as scipy_entropy
+
+    from partitioners.skew import entropy, jensen_shannon
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        counts = rng.integers(0, 20, (7, 10)).astype(float)
+        counts[counts < 5] = 0  # clients without some classes: 0 log 0
+        counts[:, 0] += 1
+        p = counts / counts.sum(axis=1, keepdims=True)
+        q = rng.random(10)
+        q /= q.sum()
+        np.testing.assert_allclose(entropy(p), scipy_entropy(p, axis=1), atol=1e-12)
+        expected = jensenshannon(p, q[None, :], axis=1, base=2) ** 2
+        np.testing.assert_allclose(jensen_shannon(p, q[None, :]), expected, atol=1e-12)
