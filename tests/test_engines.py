@@ -18,6 +18,7 @@ from fedsim.run import run_experiment
 from fedsim.worker import Worker
 
 from .conftest import QUICKSTART, tiny_experiment
+from .test_custom_strategy import BROKEN
 
 STRATEGY_CASES = {
     "fedavg": [],
@@ -155,22 +156,6 @@ def test_ray_reports_a_client_that_kills_its_worker_twice(tmp_path, monkeypatch)
     )
     with pytest.raises(ClientFailure, match=r"client 1 failed in round 1 \(train\): WorkerDied"):
         run_experiment(experiment, tmp_path / "run")
-
-
-BROKEN = """
-from flwr.serverapp.strategy import FedAvg
-
-from fedsim.trainer import ClientTrainer
-
-
-class ExplodingTrainer(ClientTrainer):
-    def fit(self, model, data, config, generator, device):
-        raise RuntimeError("exploded on purpose")
-
-
-class Broken(FedAvg):
-    client_trainer = ExplodingTrainer
-"""
 
 
 @pytest.mark.ray

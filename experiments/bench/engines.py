@@ -134,15 +134,28 @@ ENGINE_OVERRIDES = {
 }
 
 
-def compare(config: Path, overrides: list[str], engines: list[str], repeats: int) -> dict:
-    """Median seconds of the plain loop and of each engine's rounds, interleaved."""
-    times: dict[str, list] = {"plain": [], **{engine: [] for engine in engines}}
+def plain_script(config: Path) -> float:
+    """Seconds for the plain loop as a script of its own: a fresh interpreter that imports
+    PyTorch, loads the data and trains (what ``fedsim run``'s whole command compares to)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--plain-only", str(config)], check=True, cwd=ROOT)
+    return time.perf_counter() - started
+
+
+def compare(config: Path, overrides: list[str], engines: list[str], repeats: int, script: bool = False) -> dict:
+    """Median seconds of the plain loop and of each engine's rounds, interleaved; with
+    ``script``, also of the plain loop as a script of its own."""
+    times: dict[str, list] = {"plain": [], "script": [], **{engine: [] for engine in engines}}
     plain_fedavg(config, overrides)  # warm: torch.optim's first optimizer imports torch._dynamo
     for _ in range(repeats):
         times["plain"].append(plain_fedavg(config, overrides))
+        if script:
+            times["script"].append(plain_script(config))
         for engine in engines:
             times[engine].append(run_fedsim(config, [*overrides, *ENGINE_OVERRIDES[engine]]))
     result = {"plain_s": statistics.median(times["plain"])}
+    if script:
+        result["plain_script_s"] = statistics.median(times["script"])
     for engine in engines:
         result[f"{engine}_s"] = statistics.median(run["rounds_s"] for run in times[engine])
         result[f"{engine}_command_s"] = statistics.median(run["command_s"] for run in times[engine])
@@ -216,22 +229,30 @@ def main() -> None:
         choices=["flower", "ray", "scale"],
         help="leave out an engine or the scale study",
     )
+    parser.add_argument("--plain-only", metavar="CONFIG", help=argparse.SUPPRESS)  # the plain loop as a script
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from fedsim.flower_log import quiet_flower
+
+    quiet_flower()  # Flower warns about fraction_evaluate = 0 whenever W1's strategy is built
+    if args.plain_only:
+        plain_fedavg(Path(args.plain_only), [])
+        return
     engines = [engine for engine in ENGINE_OVERRIDES if engine not in args.skip]
     repeats = 1 if args.quick else 3
 
     print(f"W1 ({'quick, ' if args.quick else ''}{repeats} interleaved repeats):")
-    w1 = compare(W1, [], engines, repeats)
+    w1 = compare(W1, [], engines, repeats, script=True)
     for engine in engines:
         print(f"  {engine:9s} rounds {w1[f'{engine}_s']:.2f} s  (whole command {w1[f'{engine}_command_s']:.2f} s)")
-    print(f"  plain loop {w1['plain_s']:.2f} s")
+    print(f"  plain loop {w1['plain_s']:.2f} s  (as a script of its own {w1['plain_script_s']:.2f} s)")
     figures: dict = {"w1": w1, "repeats": repeats, "threads": torch.get_num_threads()}
     for engine in engines:
         figures[f"{engine}_over_plain"] = w1[f"{engine}_s"] / w1["plain_s"]
     if "ray" in engines and "flower" in engines:
         figures["ray_over_flower"] = w1["ray_s"] / w1["flower_s"]
     figures["command_over_rounds"] = w1["inprocess_command_s"] / w1["inprocess_s"]
+    figures["command_over_plain_script"] = w1["inprocess_command_s"] / w1["plain_script_s"]
 
     print("Overhead per client update (MLP on digits, 100 clients x 3 rounds):")
     overhead = compare(W1, OVERHEAD, engines, repeats)
@@ -258,7 +279,13 @@ def main() -> None:
         figures["gpu"] = None
         print("GPU: none on this machine")
 
-    for key in ("inprocess_over_plain", "ray_over_plain", "ray_over_flower", "command_over_rounds"):
+    for key in (
+        "inprocess_over_plain",
+        "ray_over_plain",
+        "ray_over_flower",
+        "command_over_rounds",
+        "command_over_plain_script",
+    ):
         if key in figures:
             print(f"{key}: {figures[key]:.3f}")
     if args.json:
