@@ -174,6 +174,20 @@ def test_a_client_exception_inside_a_ray_worker_is_one_line(tmp_path, monkeypatc
 
 
 @pytest.mark.ray
+def test_a_strategy_the_ray_workers_cannot_import_is_one_line(tmp_path, monkeypatch, capsys):
+    """On the driver's path but not the workers' (neither the current folder nor
+    PYTHONPATH): a one-line error, exit code 2."""
+    (tmp_path / "driver_only.py").write_text("from flwr.serverapp.strategy import FedAvg as Mine\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["run", str(QUICKSTART), "--quiet", "--out", str(tmp_path / "run")]
+    for override in ["strategy.name=driver_only:Mine", "dataset.name=digits", "model.name=mlp", "rounds=1"]:
+        args += ["--set", override]
+    assert main([*args, "--set", "engine.name=ray", "--set", "engine.num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot import module 'driver_only'" in err
+
+
+@pytest.mark.ray
 def test_the_three_engines_agree_to_the_bit(tmp_path):
     """One torch thread per client on every engine: identical metrics."""
     runs = {
@@ -192,32 +206,43 @@ def test_the_three_engines_agree_to_the_bit(tmp_path):
     assert json.loads((tmp_path / "ray/summary.json").read_text())["rounds_time_s"] > 0
 
 
-def test_engine_options_are_checked(capsys):
-    assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.num_workers=0"]) == 2
-    assert "[engine] num_workers = 0 is invalid" in capsys.readouterr().err
-    assert main(["run", str(QUICKSTART), "--set", "engine.name=ray", "--set", "engine.num_gpus=1.5"]) == 2
-    assert "num_gpus = 1.5 is invalid" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "run",
-                str(QUICKSTART),
-                "--set",
-                "engine.name=ray",
-                "--set",
-                "engine.device=cpu",
-                "--set",
-                "engine.num_gpus=0.5",
-            ]
-        )
-        == 2
-    )
-    assert "device = 'cpu'" in capsys.readouterr().err
-    assert main(["run", str(QUICKSTART), "--set", "engine.name=inprocess", "--set", "engine.num_gpus=0.5"]) == 2
-    assert (
-        "'num_gpus' is not an option of engine 'inprocess' but of 'ray', 'flower'; set [engine] name = 'ray'"
-        in capsys.readouterr().err
-    )
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["engine.name=ray", "engine.num_workers=0"], "[engine] num_workers = 0 is invalid"),
+        (["engine.name=ray", "engine.num_gpus=1.5"], "num_gpus = 1.5 is invalid"),
+        (["engine.name=ray", "engine.device=cpu", "engine.num_gpus=0.5"], "device = 'cpu'"),
+        (
+            ["engine.name=inprocess", "engine.num_gpus=0.5"],
+            "'num_gpus' is not an option of engine 'inprocess' but of 'ray', 'flower'; set [engine] name = 'ray'",
+        ),
+        (
+            ["engine.name=ray", "engine.address=nowhere"],
+            "address = 'nowhere' is invalid: use 'auto', 'host:port' or 'ray://host:port'",
+        ),
+    ],
+)
+def test_engine_options_are_checked(overrides, words, capsys):
+    args = ["run", str(QUICKSTART), "--quiet"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err
+
+
+def test_an_address_where_no_cluster_listens_fails_at_once(tmp_path, capsys):
+    """Ray itself retries such an address for minutes."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        args = ["run", str(QUICKSTART), "--quiet", "--out", str(tmp_path / "run"), "--overwrite"]
+        assert main([*args, "--set", "engine.name=ray", "--set", f"engine.address={address!r}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"address = '{address}': no Ray cluster answers there" in err
 
 
 @pytest.mark.ray

@@ -31,13 +31,19 @@ from strategies.fedwon import FedWon
 ROOT = Path(__file__).resolve().parents[1]
 README_SECTION = "### fedsim's strategies in your own Flower app"
 NUM_CLIENTS = 3
+BN_CHANNELS = 8  # bn_model's BatchNorm layer
 DIGITS = load_dataset("digits")
 
 
 # -- a user's own model, data and ClientApp ---------------------------------------------
 def bn_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 10)
+        nn.Conv2d(1, BN_CHANNELS, 3, padding=1),
+        nn.BatchNorm2d(BN_CHANNELS),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 10),
     )
 
 
@@ -91,12 +97,18 @@ def bn_probe(state_key: str):
 
     def probe(message: Message, context: Context, call_next) -> Message:
         reply = call_next(message, context)
-        if message.metadata.message_type == MessageType.EVALUATE and state_key in context.state:
-            own = context.state.array_records[state_key]
+        if message.metadata.message_type == MessageType.EVALUATE and not reply.has_error():
+            # the same keys from every client, or Flower refuses to aggregate: a client with
+            # no BatchNorm of its own (it never trained) reports -1 batches
             metrics = reply.content["metrics"]
             metrics["client"] = int(context.node_config["partition-id"])
-            metrics["bn-running-mean"] = own["1.running_mean"].numpy().astype(float).tolist()
-            metrics["bn-batches"] = int(own["1.num_batches_tracked"].numpy())
+            if state_key in context.state:
+                own = context.state.array_records[state_key]
+                metrics["bn-running-mean"] = own["1.running_mean"].numpy().astype(float).tolist()
+                metrics["bn-batches"] = int(own["1.num_batches_tracked"].numpy())
+            else:
+                metrics["bn-running-mean"] = [float("nan")] * BN_CHANNELS
+                metrics["bn-batches"] = -1
         return reply
 
     return probe
@@ -181,7 +193,7 @@ def outcomes():
                         num_rounds=rounds,
                         train_config=ConfigRecord({"scenario": name, "lr": 0.1}),
                         evaluate_config=ConfigRecord({"scenario": name}),
-                        timeout=60,  # a broken simulation fails the test instead of hanging it
+                        timeout=600,  # a broken simulation fails the test instead of hanging it
                     ),
                 )
             except ValueError as error:
@@ -190,6 +202,7 @@ def outcomes():
             if not found[name][1].train_metrics_clientapp:
                 raise RuntimeError(f"{name}: no client replied")
 
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as fedsim's engines set it
     pythonpath = os.environ.get("PYTHONPATH")
     try:
         run_simulation(server_app, dispatching_app, NUM_CLIENTS, backend_config={"client_resources": {"num_cpus": 1}})

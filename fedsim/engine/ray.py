@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import socket
 from collections import deque
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -36,7 +38,7 @@ from fedsim.engine.grid import SimulatedGrid
 from fedsim.engine.inprocess import Device
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
-from fedsim.errors import UserError
+from fedsim.errors import ClientFailure, UserError
 from partitioners import Partition
 
 
@@ -57,6 +59,7 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
 
     if ray.is_initialized():
         return False
+    check_reachable(address, where)
     quiet_ray_environment()
     path = os.pathsep.join([os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
     try:
@@ -68,9 +71,24 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     except ConnectionError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "connection refused"
-        raise UserError(f"{where} = {address!r}: no Ray cluster there ({first_line})") from None
+        raise UserError(f"{where} = {address!r}: no Ray cluster there ({_first_line(error)})") from None
     return True
+
+
+def check_reachable(address: str | None, where: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, in one line, when nothing listens at a ``host:port`` or
+    ``ray://host:port`` address: Ray itself retries such an address for minutes."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(
+            f"{where} = {address!r}: no Ray cluster answers there ({reason}); start one with "
+            "`ray start --head`, or correct the address"
+        ) from None
 
 
 class RayEngine:
@@ -96,6 +114,8 @@ class RayEngine:
             raise ValueError(f"num_gpus = {num_gpus} is invalid: a worker takes a fraction of one GPU or whole GPUs")
         if device == "cpu" and num_gpus:
             raise ValueError(f"num_gpus = {num_gpus} reserves GPUs that device = 'cpu' would not use; remove one")
+        if address not in (None, "auto") and not re.fullmatch(r"(ray://)?[^:/\s]+:\d+", address):
+            raise ValueError(f"address = {address!r} is invalid: use 'auto', 'host:port' or 'ray://host:port'")
         self.num_workers = num_workers
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -181,7 +201,8 @@ class WorkerActor:
 
 
 class WorkerPool:
-    """``size`` WorkerActors; replaces any that dies."""
+    """``size`` WorkerActors, each loaded (data, partition, model) before the first round;
+    replaces any that dies."""
 
     def __init__(self, client_app: ClientApp, env: RunEnvironment, size: int, num_cpus: float, num_gpus: float) -> None:
         import ray
@@ -191,14 +212,32 @@ class WorkerPool:
         )
         self._arguments = (client_app, env)
         self.actors = [self._actor_class.remote(*self._arguments) for _ in range(size)]
-        self.pids = ray.get([actor.ready.remote() for actor in self.actors])
+        self.pids = self._ready(self.actors)
 
     def replace(self, slot: int) -> None:
         import ray
 
         ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._actor_class.remote(*self._arguments)
-        self.pids[slot] = ray.get(self.actors[slot].ready.remote())
+        self.pids[slot] = self._ready([self.actors[slot]])[0]
+
+    @staticmethod
+    def _ready(actors: list) -> list[int]:
+        """Wait until the actors have loaded their workers; a worker that cannot start is a
+        one-line error (a UserError from the experiment stays one)."""
+        import ray
+
+        try:
+            return ray.get([actor.ready.remote() for actor in actors])
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, UserError):
+                raise UserError(str(error.cause)) from None
+            raise ClientFailure(f"a Ray worker failed to start: {_first_line(error.cause)}", str(error)) from None
+        except ray.exceptions.RayActorError as error:
+            raise ClientFailure(
+                f"a Ray worker died while starting (out of memory, or the cluster went away): {_first_line(error)}",
+                str(error),
+            ) from None
 
     def shutdown(self) -> None:
         import ray
@@ -206,6 +245,11 @@ class WorkerPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class RayGrid(SimulatedGrid):
@@ -274,10 +318,9 @@ class RayGrid(SimulatedGrid):
 
 def _worker_died(task: ClientTask, error: Exception) -> TaskResult:
     """An error reply for a client whose worker died twice while running it."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     reason = (
         f"WorkerDied: the Ray worker running this client died twice (out of memory, or a crash in "
-        f"native code): {first_line}"
+        f"native code): {_first_line(error)}"
     )
     request = Message(content=RecordDict(), metadata=task.metadata)
     return TaskResult(
