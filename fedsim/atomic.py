@@ -7,11 +7,10 @@ never half of one.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 
@@ -50,5 +49,5 @@ def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) ->
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
-def write_pickle(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write(path, lambda handle: pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL))
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))

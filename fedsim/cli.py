@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from fedsim.commands import COMMANDS
@@ -37,11 +39,29 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; SIGTERM stops it as Ctrl-C does (files being written are cleaned up,
+    a run stays resumable, exit code 130)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
+        names = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        print(f"error: fedsim: choose a command: {', '.join(names)} (see fedsim --help)", file=sys.stderr)
         return 2
     quiet_flower(getattr(args, "verbose", False))  # before an experiment builds its strategy
     try:
@@ -63,6 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         resumable = args.command in ("run", "sweep")
-        hint = ": run the same command again to resume from the last finished round" if resumable else ""
+        hint = ": run the same command again to resume from the last checkpoint" if resumable else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ from flwr.common.constant import PARTITION_ID_KEY
 
 from fedsim.data import ClientData
 from fedsim.environment import RunEnvironment
+from fedsim.faults import FAULT_KEY, act_out
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
 from fedsim.trainer import RoundConfig
 from fedsim.training import classification_metrics
@@ -72,13 +73,16 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         worker = worker_for(environment_for(context))
         client = client_id(context)
         config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
+        fault = config.extra.get(FAULT_KEY)  # an injected fault ([faults]) this client acts out
+        act_out(fault, config.extra, None, None)
         server_round = config.server_round
         seed = derive_seed(worker.env.experiment.seed, "train", server_round, client)
         seed_torch_globally(seed, worker.device)  # dropout and any other global-RNG draw in the model
         data = worker.client_data(client)
+        received = only(message.content.array_records, "ArrayRecord")
         result = worker.trainer.train(
             worker.model(),
-            only(message.content.array_records, "ArrayRecord"),
+            received,
             data,
             config,
             worker.state_store.load(client, server_round - 1),
@@ -87,7 +91,8 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         )
         worker.state_store.save(client, server_round, result.state)
         metrics = MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})
-        return Message(RecordDict({ARRAYS_KEY: result.arrays, METRICS_KEY: metrics}), reply_to=message)
+        arrays = act_out(fault, config.extra, received, result.arrays)
+        return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

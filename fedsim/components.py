@@ -7,16 +7,18 @@ them all up front, so a bad experiment fails before any data is loaded.
 from __future__ import annotations
 
 import inspect
+import traceback
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.config import Experiment
-from fedsim.errors import UserError
+from fedsim.errors import ClientFailure, UserError
 from fedsim.registry import (
     accepted_parameters,
     build,
     did_you_mean,
+    first_line,
     load_reference,
     lookup,
     plugin_table,
@@ -85,7 +87,9 @@ def _strategy_defaults(experiment: Experiment, num_clients: int) -> dict[str, An
     return defaults
 
 
-def make_strategy(experiment: Experiment, num_clients: int) -> Strategy:
+def make_strategy(experiment: Experiment, num_clients: int, *, clients_known: bool = True) -> Strategy:
+    """Build the experiment's strategy for ``num_clients`` clients. ``clients_known = False``
+    (validation before the partition exists) skips the checks that need the real number."""
     strategy_cls = resolve_strategy(experiment.strategy.name)
     params = experiment.strategy.params
     if experiment.client.local_test_fraction == 0 and params.get("fraction_evaluate", 0) > 0:
@@ -99,7 +103,89 @@ def make_strategy(experiment: Experiment, num_clients: int) -> Strategy:
         for key, value in _strategy_defaults(experiment, num_clients).items()
         if key in accepted and key not in params
     }
-    return build(strategy_cls, params, "[strategy]", **fixed)
+    if not is_user_strategy(experiment.strategy.name):
+        strategy = build(strategy_cls, params, "[strategy]", **fixed)
+    else:  # the user's own code: whatever its constructor raises is one line that names it
+        try:
+            strategy = build(strategy_cls, params, "[strategy]", **fixed)  # its ValueErrors: its range checks
+        except UserError:
+            raise
+        except Exception as error:
+            raise UserError(
+                f"[strategy] {experiment.strategy.name}(...) raised {type(error).__name__}: {first_line(error)}"
+                f"{_user_code_location(error, strategy_cls)}; fix the strategy or its [strategy] keys"
+            ) from None
+    if clients_known:
+        check_sampling(strategy, num_clients)
+    return strategy
+
+
+def check_sampling(strategy: Strategy, num_clients: int) -> None:
+    """Refuse what Flower's sampling cannot do with ``num_clients`` clients: it waits forever
+    for more clients than there are, and a round that samples none trains nobody."""
+    for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
+        value = getattr(strategy, key, None)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if key == "min_evaluate_nodes" and getattr(strategy, "fraction_evaluate", None) == 0:
+            continue  # no client evaluation: Flower never samples for it
+        if value < 0:
+            raise UserError(f"[strategy] {key} = {value} is invalid: it must be >= 0")
+        if value > num_clients:
+            raise UserError(
+                f"[strategy] {key} = {value} exceeds the {num_clients} clients of the partition "
+                f"(Flower would wait for them forever); set {key} <= {num_clients}"
+            )
+    fraction, minimum = getattr(strategy, "fraction_train", None), getattr(strategy, "min_train_nodes", None)
+    if isinstance(fraction, (int, float)) and isinstance(minimum, int) and fraction > 0:
+        if max(int(num_clients * fraction), minimum) < 1:  # Flower's sample size
+            raise UserError(
+                f"[strategy] fraction_train = {fraction} of {num_clients} clients samples no client in a round "
+                f"(min_train_nodes = {minimum}); raise fraction_train or set min_train_nodes >= 1"
+            )
+
+
+def is_user_strategy(name: str) -> bool:
+    """A ``module:Class`` strategy or a plugin's: the user's code, not fedsim's."""
+    from strategies import STRATEGIES
+
+    return name not in STRATEGIES
+
+
+def _user_code_location(error: BaseException, strategy_cls: type) -> str:
+    """Where in the strategy's own source file the error was raised, as " (file, line N)"."""
+    try:
+        source = inspect.getsourcefile(strategy_cls)
+    except TypeError:
+        return ""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == source]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+
+
+def strategy_failure(experiment: Experiment, error: BaseException) -> UserError | None:
+    """A one-line UserError for an exception that the user's own strategy raised while the
+    run was under way (in ``configure_train``, ``aggregate_train``, ...), else None.
+
+    Such an error is a mistake in the user's code, reported like a mistake in the input:
+    one line naming the strategy, the method, the exception and where it was raised.
+    fedsim's own strategies are not covered: an exception there is a bug with a traceback.
+    """
+    if isinstance(error, (UserError, ClientFailure)) or not is_user_strategy(experiment.strategy.name):
+        return None  # fedsim's own reports (a client's failure stays one, exit code 1)
+    try:
+        source = inspect.getsourcefile(resolve_strategy(experiment.strategy.name))
+    except (UserError, TypeError):
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [index for index, frame in enumerate(frames) if frame.filename == source]
+    if not ours:
+        return None
+    # the outermost frame in the strategy's file is the method fedsim (or Flower) called
+    method, innermost = frames[ours[0]].name, frames[ours[-1]]
+    return UserError(
+        f"[strategy] {experiment.strategy.name}: {method}() raised {type(error).__name__}: {first_line(error)} "
+        f"({innermost.filename}, line {innermost.lineno}); fix the strategy, then run the same command again"
+    )
 
 
 def make_engine(experiment: Experiment):
@@ -158,7 +244,10 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
                     data[table][key] = value
         resolved = Experiment.model_validate(data)
         make_partitioner(resolved)
-        make_strategy(resolved, num_clients=1)  # the strategy's own range checks
+        # the strategy's own range checks, and its sampling where the file says how many clients
+        num_clients = resolved.partition.params.get("num_clients")
+        known = isinstance(num_clients, int) and not isinstance(num_clients, bool) and num_clients >= 1
+        make_strategy(resolved, num_clients if known else 1, clients_known=known)
         make_engine(resolved)
     except UserError as error:
         raise UserError(f"{source}: {error}") from None
@@ -209,7 +298,14 @@ def check_model(experiment: Experiment, input_shape: tuple[int, ...], num_classe
 
     from fedsim.models import build_model
 
-    model = build_model(experiment.model.name, input_shape, num_classes, **experiment.model.params)
+    try:
+        model = build_model(experiment.model.name, input_shape, num_classes, **experiment.model.params)
+    except (RuntimeError, MemoryError) as error:  # PyTorch cannot allocate a layer of that size
+        options = ", ".join(f"{key} = {value!r}" for key, value in experiment.model.params.items()) or "its defaults"
+        raise UserError(
+            f"[model] {experiment.model.name!r} cannot be built with {options}: {first_line(error)}; "
+            "choose smaller sizes"
+        ) from None
     model.eval()
     try:
         with torch.no_grad():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,9 @@ from fedsim.registry import did_you_mean, first_error_line
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a TOML value keeps its type (`rounds = true` or `lr = "0.1"` is a mistake, not 1 or 0.1);
+    # no NaN or infinity in any float (`lr = inf` would train to NaN without a word)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ComponentTable(BaseModel):
@@ -75,11 +78,19 @@ class StrategyTable(ComponentTable):
 
     @model_validator(mode="after")
     def _fractions_in_range(self) -> StrategyTable:
-        # Flower types these as plain floats; a fraction outside [0, 1] fails mid-run.
+        # Flower types these as plain floats; a fraction outside [0, 1] fails mid-run, and
+        # fraction_train = 0 "succeeds" without training anyone (Flower skips the training).
         for key in ("fraction_train", "fraction_evaluate"):
             value = self.params.get(key)
-            if isinstance(value, (int, float)) and not 0 <= value <= 1:
-                raise ValueError(f"{key} = {value!r} is invalid: a fraction of clients must be in [0, 1]")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # a wrong type is reported against the strategy's own signature
+            if not math.isfinite(value) or not 0 <= value <= 1:
+                raise ValueError(f"{key} = {value!r} is invalid: a fraction of clients must be a number in [0, 1]")
+        if self.params.get("fraction_train", 1) == 0 and not isinstance(self.params.get("fraction_train"), bool):
+            raise ValueError(
+                "fraction_train = 0 trains no client in any round; set fraction_train > 0 "
+                "(fraction_evaluate = 0 is the way to skip the clients' evaluation)"
+            )
         return self
 
 
@@ -99,14 +110,51 @@ class ClientTable(_Table):
     local_test_fraction: float = Field(0.2, ge=0, lt=1)
 
 
+class FaultsTable(_Table):
+    """Injected client faults (:mod:`fedsim.faults`): per round, the probability that a
+    sampled client drops out before replying, raises an exception, hangs past
+    ``[engine] client_timeout_s``, returns NaN or infinite weights, or returns an update
+    scaled by ``scale_factor``; ``clients`` limits them to some clients. A round goes on
+    with the useful replies; with fewer than ``min_replies`` the run stops."""
+
+    drop: float = Field(0.0, ge=0, le=1)
+    error: float = Field(0.0, ge=0, le=1)
+    hang: float = Field(0.0, ge=0, le=1)
+    nan: float = Field(0.0, ge=0, le=1)
+    inf: float = Field(0.0, ge=0, le=1)
+    scale: float = Field(0.0, ge=0, le=1)
+    scale_factor: float = Field(1e6, gt=0)
+    clients: list[int] | None = None
+    min_replies: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _probabilities_sum_to_at_most_one(self) -> FaultsTable:
+        total = self.drop + self.error + self.hang + self.nan + self.inf + self.scale
+        if total > 1 + 1e-9:
+            raise ValueError(f"the fault probabilities add up to {total:g}; they must add up to at most 1")
+        return self
+
+    def probabilities(self) -> dict[str, float]:
+        return {kind: getattr(self, kind) for kind in ("drop", "error", "hang", "nan", "inf", "scale")}
+
+
+class GuardsTable(_Table):
+    """Server-side guards on client updates: a non-finite update is never aggregated;
+    ``max_update_norm`` also rejects an update farther than this (L2) from the global model."""
+
+    max_update_norm: float | None = Field(None, gt=0)
+
+
 class Experiment(_Table):
     """A whole experiment, as read from a TOML file."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: int = 0
+    # >= 0: NumPy's generators, which draw the partition, take no negative seed
+    seed: int = Field(0, ge=0)
     rounds: int = Field(ge=1)
     # rounds between evaluations, and always after the last; 0 = never (benchmarks, pure training)
     evaluate_every: int = Field(1, ge=0)
+    checkpoint_every: int = Field(1, ge=1)  # rounds between checkpoints, and always after the last
     description: str = ""
     dataset: DatasetTable = DatasetTable()
     partition: PartitionTable = PartitionTable()
@@ -114,6 +162,16 @@ class Experiment(_Table):
     client: ClientTable = ClientTable()
     strategy: StrategyTable = StrategyTable()
     engine: EngineTable = EngineTable()
+    faults: FaultsTable = FaultsTable()
+    guards: GuardsTable = GuardsTable()
+
+    @model_validator(mode="after")
+    def _hangs_need_a_timeout(self) -> Experiment:
+        if self.faults.hang > 0 and self.engine.params.get("client_timeout_s") is None:
+            raise ValueError(
+                "[faults] hang > 0 needs [engine] client_timeout_s, the time after which a client counts as hung"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, component parameters inline and unset values left out, as in TOML."""
@@ -129,6 +187,8 @@ class Experiment(_Table):
 
 TABLES = {name: field.annotation for name, field in Experiment.model_fields.items()}
 TABLE_NAMES = [name for name, kind in TABLES.items() if isinstance(kind, type) and issubclass(kind, BaseModel)]
+# tables with a fixed set of keys (the others name a component and take its parameters)
+FIXED_TABLES = [name for name in TABLE_NAMES if issubclass(TABLES[name], _Table)]
 
 
 def _drop_none(value: Any) -> Any:
@@ -137,17 +197,26 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def toml_value(value: Any) -> str:
+    """A value as an error message shows it: as Python repr, but booleans as TOML spells them."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``section.key=value`` and read the value as a TOML value (else a string)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
-    if not sep or not key:
+    if not sep or not key or not all(part.strip() for part in key.split(".")):
         raise UserError(f"--set {text!r} must look like section.key=value, e.g. partition.alpha=0.1")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        document = tomllib.loads(f"v = {raw.strip()}")
     except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.split("."), value
+        document = {}
+    except RecursionError:  # tomllib reads nested arrays recursively
+        raise UserError(f"--set {text!r}: the value is nested too deeply") from None
+    # not one TOML value ("a b", or "1\nlr = 2", which TOML reads as two keys): the text itself
+    value = document["v"] if list(document) == ["v"] else raw.strip()
+    return [part.strip() for part in key.split(".")], value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -181,9 +250,12 @@ def validate(
             raise UserError(f"{source}: unknown key {key!r}{hint}")
         if key in TABLE_NAMES and not isinstance(value, dict):
             raise UserError(f"{source}: {key!r} must be a table [{key}], got {value!r}")
-    for key in data.get("client", {}):  # pydantic would refuse it too, but without a suggestion
-        if key not in ClientTable.model_fields:
-            raise UserError(f"{source}: [client] unknown key {key!r}{did_you_mean(key, ClientTable.model_fields)}")
+    for table in FIXED_TABLES:  # pydantic would refuse an unknown key too, but without a suggestion
+        fields = TABLES[table].model_fields
+        for key in data.get(table, {}):
+            if key not in fields:
+                hint = did_you_mean(key, fields) or f" (valid keys: {', '.join(fields)})"
+                raise UserError(f"{source}: [{table}] unknown key {key!r}{hint}")
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as error:
@@ -191,9 +263,11 @@ def validate(
         where = f"[{loc[0]}] {loc[1]}" if len(loc) > 1 else ".".join(map(str, loc))
         if error.errors()[0]["type"] == "missing":
             raise UserError(f"{source}: missing required key {where!r}") from None
-        if len(loc) == 1 and isinstance(value, dict):  # a check across a whole table
+        if len(loc) == 1 and loc[0] in TABLE_NAMES and isinstance(value, dict):  # a check across a whole table
             raise UserError(f"{source}: [{loc[0]}] {message}") from None
-        raise UserError(f"{source}: {where} = {value!r} is invalid: {message}") from None
+        if not loc:  # a check across tables
+            raise UserError(f"{source}: {message}") from None
+        raise UserError(f"{source}: {where} = {toml_value(value)} is invalid: {message}") from None
     from fedsim.components import resolve
 
     return resolve(experiment, source, inherited)
@@ -206,15 +280,38 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
     """The raw TOML data of an experiment file, before overrides and validation."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"experiment file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"experiment file {str(path)!r} is a folder; give the path of a .toml file") from None
     except OSError as error:
-        raise UserError(f"cannot read experiment file {str(path)!r}: {error.strerror}") from None
+        raise UserError(f"cannot read experiment file {str(path)!r}: {error.strerror or error}") from None
+    text = decode_toml_bytes(raw, str(path))
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML: {error}") from None
+    except RecursionError:  # tomllib reads nested arrays and inline tables recursively
+        raise UserError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+
+
+def decode_toml_bytes(raw: bytes, source: str) -> str:
+    """A TOML file's text: UTF-8, as TOML requires (a UTF-8 byte-order mark, as some
+    Windows editors write, is dropped); anything else is a one-line error."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{source}: the file is UTF-16 text; save it as UTF-8, which TOML requires")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{source}: not a UTF-8 text file (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "an experiment file is TOML, saved as UTF-8"
+        ) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise UserError(f"{source}: a NUL byte on line {line}: a binary file, not a TOML experiment file")
+    return text
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:

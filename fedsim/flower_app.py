@@ -198,7 +198,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _main(grid: Grid, context: Context) -> None:
-    from fedsim.run import finish_run, prepare_run
+    from fedsim.run import finish_run, open_run
     from fedsim.serverapp import Federation
 
     flower_run = read_run_config(context.run_config, APP_DIR)
@@ -210,21 +210,21 @@ def _main(grid: Grid, context: Context) -> None:
     expected = experiment.partition.params.get("num_clients")
     if isinstance(expected, int):  # known before the split: fail before writing anything
         check_federation_size(num_nodes, expected)
-    prepared = prepare_run(experiment, flower_run.out, overwrite=flower_run.overwrite)
-    check_federation_size(num_nodes, prepared.partition.num_clients)
-    _say("%s run of %s in %s", prepared.status, experiment.name, prepared.run.path)
+    with open_run(experiment, flower_run.out, overwrite=flower_run.overwrite) as prepared:
+        check_federation_size(num_nodes, prepared.partition.num_clients)
+        _say("%s run of %s in %s", prepared.status, experiment.name, prepared.run.path)
 
-    def on_round(server_round: int, metrics: dict[str, float]) -> None:
-        accuracy = metrics.get("accuracy")
-        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
-        _say("round %d/%d, accuracy %s", server_round, experiment.rounds, shown)
+        def on_round(server_round: int, metrics: dict[str, float], **_) -> None:
+            accuracy = metrics.get("accuracy")
+            shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+            _say("round %d/%d, accuracy %s", server_round, experiment.rounds, shown)
 
-    env = environment(flower_run)
-    federation = Federation(
-        env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
-    )
-    federation(grid, context)
-    result = finish_run(experiment, prepared, federation)
+        env = environment(flower_run)
+        federation = Federation(
+            env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
+        )
+        federation(grid, context)
+        result = finish_run(experiment, prepared, federation)
     _say("finished: accuracy %s, summary in %s", result.summary.get("accuracy"), result.path / "summary.json")
 
 

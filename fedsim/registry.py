@@ -13,6 +13,8 @@ import importlib
 import inspect
 import os
 import sys
+import traceback
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
@@ -60,11 +62,35 @@ def load_reference(reference: str, kind: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise UserError(f"cannot import module {module_name!r} for {kind} {reference!r}: {error}") from None
+    except SyntaxError as error:  # the user's own module: say where, in one line
+        where = f"{error.filename}, line {error.lineno}" if error.filename else f"line {error.lineno}"
+        raise UserError(
+            f"cannot import module {module_name!r} for {kind} {reference!r}: "
+            f"syntax error in {where}: {error.msg}; fix the module"
+        ) from None
+    except Exception as error:  # raised by the module's own code while it was imported
+        raise UserError(
+            f"cannot import module {module_name!r} for {kind} {reference!r}: importing it raised "
+            f"{type(error).__name__}: {first_line(error)}{_where_raised(error, module_name)}; fix the module"
+        ) from None
     try:
         return getattr(module, attribute)
     except AttributeError:
         names = [n for n in vars(module) if not n.startswith("_")]
         raise UserError(f"module {module_name!r} has no {attribute!r}{did_you_mean(attribute, names)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (a message may span lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
+
+
+def _where_raised(error: BaseException, module_name: str) -> str:
+    """Where in the named module's file the error was raised, as " (my_module.py, line 3)"."""
+    top = module_name.split(".")[-1]
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.basename(f.filename) == f"{top}.py"]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
 
 
 class LazyRegistry(Mapping[str, Any]):
@@ -200,14 +226,43 @@ def validate_parameters(
         if hint is None:
             checked[key] = value
             continue
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML spells it
+        if isinstance(value, bool) and _is_number_type(hint):
+            raise UserError(f"{where} {key} = {shown} is invalid: Input should be a number, not true or false")
         try:
-            checked[key] = pydantic.TypeAdapter(hint).validate_python(value, strict=False)
+            checked[key] = _adapter(hint).validate_python(value, strict=False)
         except pydantic.ValidationError as error:
             _, _, message = first_error_line(error)
-            raise UserError(f"{where} {key} = {value!r} is invalid: {message}") from None
+            raise UserError(f"{where} {key} = {shown} is invalid: {message}") from None
         except pydantic.PydanticSchemaGenerationError:
             checked[key] = value
     return checked
+
+
+# No parameter takes NaN or infinity unless its type says so (``Annotated[float,
+# pydantic.AllowInfNan(True)]``): ``lr = inf`` trains to NaN, ``num_cpus = inf`` crashes Ray.
+FINITE_FLOATS = pydantic.ConfigDict(allow_inf_nan=False)
+
+
+def _adapter(hint: Any) -> pydantic.TypeAdapter:
+    """A validator for ``hint`` that refuses NaN and infinity in every float it holds (a
+    model, dataclass or TypedDict keeps its own config)."""
+    try:
+        return pydantic.TypeAdapter(hint, config=FINITE_FLOATS)
+    except pydantic.PydanticUserError:
+        return pydantic.TypeAdapter(hint)
+
+
+def _is_number_type(hint: Any) -> bool:
+    """Whether ``hint`` is int or float (through Annotated and Optional): a TOML boolean there
+    is a mistake that pydantic's lax mode would read as 1 or 0."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _is_number_type(typing.get_args(hint)[0])
+    if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return bool(options) and all(_is_number_type(arg) for arg in options)
+    return hint in (int, float)
 
 
 def build(component: Callable[..., Any], params: Mapping[str, Any], where: str, **fixed: Any) -> Any:

@@ -27,13 +27,13 @@ import pandas as pd
 
 from fedsim import atomic
 from fedsim.errors import UserError
-from fedsim.registry import did_you_mean
+from fedsim.registry import did_you_mean, first_line
 from fedsim.results import CLIENT_HOLDOUT
 
 FORMATS = ("md", "csv", "latex")
 FIRST_METRICS = ["accuracy", "loss", "client_accuracy_mean"]
 # summary.json fields that describe the run rather than measure its result
-BOOKKEEPING = {"seed", "rounds_completed", "num_clients", "wall_time_s"}
+BOOKKEEPING = {"seed", "rounds_completed", "num_clients", "wall_time_s", "rounds_time_s"}
 NOT_GROUP_KEYS = {"seed", "description"}  # seeds are what a group averages over
 
 
@@ -71,7 +71,7 @@ def read_runs(folders: list[str | Path]) -> RunTable:
         raise UserError(f"no finished runs in {where} (a finished run directory holds summary.json)")
     index = pd.Index([str(path) for path in finished], name="run")
     configs = pd.json_normalize([_read_toml(path / "config.toml") for path in finished], sep=".")
-    summaries = [json.loads((path / "summary.json").read_text()) for path in finished]
+    summaries = [_read_summary(path / "summary.json") for path in finished]
     return RunTable(
         configs=_hashable(configs).set_index(index),
         results=pd.json_normalize(summaries, sep=".").set_index(index),
@@ -83,11 +83,37 @@ def read_runs(folders: list[str | Path]) -> RunTable:
     )
 
 
+def _read_text(path: Path) -> str:
+    """A run's file as UTF-8 text, or a one-line error that names it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise UserError(f"{path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} is not UTF-8 text: corrupt, or not fedsim's; leave its run out of the report"
+        ) from None
+
+
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(_read_text(path))
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML: {error}") from None
+
+
+def _read_summary(path: Path) -> dict:
+    """A finished run's summary.json: a JSON object, else a one-line error that names it."""
+    try:
+        summary = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): "
+            "corrupt or cut short; run the experiment again with --overwrite, or leave its run out of the report"
+        ) from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} holds a JSON {type(summary).__name__}, not fedsim's summary (a JSON object)")
+    return summary
 
 
 def _hashable(configs: pd.DataFrame) -> pd.DataFrame:
@@ -102,9 +128,21 @@ def _read_curves(path: Path, evaluated_on: str | None) -> pd.DataFrame:
     columns = ["run", "round", "metric", "value"]
     if not metrics.is_file():
         return pd.DataFrame(columns=columns)
-    rows = pd.read_csv(metrics, dtype={"id": str, "scope": str, "metric": str})
+    try:
+        rows = pd.read_csv(metrics, dtype={"id": str, "scope": str, "metric": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:  # EmptyDataError is a ValueError
+        raise UserError(f"{metrics} cannot be read as CSV ({first_line(error)}): corrupt, or not fedsim's") from None
+    missing = [column for column in ("round", "scope", "id", "metric", "value") if column not in rows.columns]
+    if missing:
+        raise UserError(f"{metrics} has no {', '.join(missing)} column: corrupt, or not fedsim's metrics.csv")
     scope, ident = ("federated", "evaluate") if evaluated_on == CLIENT_HOLDOUT else ("server", "global")
     rows = rows[(rows["scope"] == scope) & (rows["id"] == ident)].assign(run=str(path))
+    for column in ("round", "value"):
+        numbers = pd.to_numeric(rows[column], errors="coerce")
+        bad = rows[column][numbers.isna() & rows[column].notna()]
+        if len(bad):
+            raise UserError(f"{metrics}: {column} {bad.iloc[0]!r} is not a number: corrupt, or not fedsim's")
+        rows = rows.assign(**{column: numbers})
     return rows[columns]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +16,18 @@ import numpy as np
 import torch
 
 import fedsim
+from fedsim.checkpoint import Checkpoint
 from fedsim.clientapp import make_client_app
 from fedsim.components import check_model, make_engine
 from fedsim.config import Experiment
 from fedsim.data import load_dataset
 from fedsim.environment import RunEnvironment
+from fedsim.errors import UserError
 from fedsim.flower_log import quiet_flower
-from fedsim.results import Checkpoint, RunDirectory
+from fedsim.results import RunDirectory
 from fedsim.serverapp import Federation
 from fedsim.splitting import describe_partition, split_dataset
+from fedsim.state import ClientStateStore
 from partitioners import Partition
 
 
@@ -52,17 +56,33 @@ class PreparedRun:
     started: float  # time.monotonic() when the command began
 
 
-def prepare_run(experiment: Experiment, out: str | Path | None = None, *, overwrite: bool = False) -> PreparedRun:
-    """Everything before the first round: the run directory, the data's partition (new, or
-    read back with the checkpoint of an interrupted run). A bad model fails here, before
-    anything is written."""
+@contextmanager
+def open_run(experiment: Experiment, out: str | Path | None = None, *, overwrite: bool = False):
+    """Take the run directory (a second command on it fails at once) and prepare it
+    (:func:`prepare_run`); it stays taken until the block ends."""
     started = time.monotonic()
     run = RunDirectory(out if out is not None else default_out(experiment))
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {str(run.path)!r} is a file, not a folder")
+    with run.locked():
+        yield prepare_run(experiment, run, overwrite=overwrite, started=started)
+
+
+def prepare_run(
+    experiment: Experiment, run: RunDirectory, *, overwrite: bool = False, started: float | None = None
+) -> PreparedRun:
+    """Everything before the first round: the run directory, the data's partition (new, or
+    read back with the checkpoint of an interrupted run, whose later client states go). A
+    bad model fails here, before anything is written. Call it with the run taken
+    (:func:`open_run`)."""
+    started = time.monotonic() if started is None else started
     status = run.status(experiment, overwrite)
     if status == "finished":
         return PreparedRun(run, status, None, None, started)
     if status == "resume":
-        return PreparedRun(run, status, Partition.load(run.partition), run.load_checkpoint(), started)
+        checkpoint = run.load_checkpoint(experiment)
+        ClientStateStore(run.client_state).discard_after(checkpoint.round)
+        return PreparedRun(run, status, load_partition(run), checkpoint, started)
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     check_model(experiment, dataset.input_shape, dataset.num_classes)
     partition = split_dataset(experiment, dataset)
@@ -70,6 +90,14 @@ def prepare_run(experiment: Experiment, out: str | Path | None = None, *, overwr
     partition.save(run.partition)
     describe_partition(experiment, dataset, partition, run.path, labels_plot="partition.png")
     return PreparedRun(run, status, partition, None, started)
+
+
+def load_partition(run: RunDirectory) -> Partition:
+    try:
+        return Partition.load(run.partition)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise UserError(f"{run.partition} cannot be read ({reason}); --overwrite starts the run over") from None
 
 
 def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
@@ -96,18 +124,18 @@ def run_experiment(
     ``progress`` shows a progress bar; ``verbose`` lets Flower's own log through.
     """
     quiet_flower(verbose)
-    prepared = prepare_run(experiment, out, overwrite=overwrite)
-    if prepared.status == "finished":
-        return RunResult(prepared.run.path, prepared.run.read_summary(), prepared.status)
-    engine = make_engine(experiment)
-    env = RunEnvironment(experiment, prepared.run.path.resolve(), engine.device, engine.client_threads)
-    done = prepared.checkpoint.round if prepared.checkpoint else 0
-    with round_progress(experiment, enabled=progress, done=done) as on_round:
-        federation = Federation(
-            env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
-        )
-        engine.execute(federation, make_client_app(env), env, prepared.partition)
-    return finish_run(experiment, prepared, federation)
+    with open_run(experiment, out, overwrite=overwrite) as prepared:
+        if prepared.status == "finished":
+            return RunResult(prepared.run.path, prepared.run.read_summary(), prepared.status)
+        engine = make_engine(experiment)
+        env = RunEnvironment(experiment, prepared.run.path.resolve(), engine.device, engine.client_threads)
+        done = prepared.checkpoint.round if prepared.checkpoint else 0
+        with round_progress(experiment, enabled=progress, done=done) as on_round:
+            federation = Federation(
+                env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
+            )
+            engine.execute(federation, make_client_app(env), env, prepared.partition)
+        return finish_run(experiment, prepared, federation)
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:
@@ -124,6 +152,8 @@ def make_summary(experiment: Experiment, federation: Federation, partition: Part
         "client_loss_mean": float(np.mean(loss)) if loss else None,
         "client_loss_std": float(np.std(loss)) if loss else None,
         "accuracy_by_domain": federation.accuracy_by_domain or None,
+        # what the rounds set aside (fedsim.faults): dropped, raised, timed_out, worker_died, nonfinite, ...
+        "faults": dict(sorted(federation.faults.items())),
         "rounds_completed": experiment.rounds,
         "seed": experiment.seed,
         "engine": experiment.engine.name,
@@ -151,23 +181,9 @@ def _across_clients(latest: dict[int, float]) -> list[float]:
 
 @contextmanager
 def round_progress(experiment: Experiment, enabled: bool, done: int):
-    """A rich progress bar over rounds showing the latest global accuracy."""
-    if not enabled:
-        yield lambda _round, _metrics: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """The round callback: a progress bar on a terminal, else one line per round (nothing
+    more if not ``enabled``), and warnings on stderr (:mod:`fedsim.progress`)."""
+    from fedsim.progress import round_reporter
 
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rounds  accuracy {task.fields[accuracy]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(experiment.name, total=experiment.rounds, completed=done, accuracy="-")
-
-        def on_round(server_round: int, metrics: dict[str, float]) -> None:
-            bar.update(task, completed=server_round, accuracy=f"{metrics.get('accuracy', float('nan')):.4f}")
-
+    with round_reporter(experiment, enabled=enabled, done=done) as on_round:
         yield on_round

@@ -21,13 +21,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
+from fedsim.checkpoint import Checkpoint, restore_strategy, strategy_state
 from fedsim.clientapp import CONFIG_KEY, DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
 from fedsim.components import make_strategy
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
-from fedsim.errors import ClientFailure, UserError
-from fedsim.results import CLIENT_HOLDOUT, GLOBAL_TEST, Checkpoint, MetricRow, RunDirectory
+from fedsim.errors import ClientFailure
+from fedsim.faults import FaultPlan, RoundFaults, Screen, failure_line, raise_user_error
+from fedsim.results import CLIENT_HOLDOUT, GLOBAL_TEST, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
+from fedsim.state import ClientStateStore
 from fedsim.trainer import SERVER_ROUND, RoundConfig
 from fedsim.training import classification_metrics, predict
 
@@ -57,25 +60,16 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> 
 
 
 def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: str) -> None:
-    """Stop the run at the first client error, with the client's own message.
-
-    Engines report a client's exception as text (Ray: with its whole traceback); a
-    UserError raised on a client is a mistake in the experiment and is re-raised as one.
-    """
+    """Stop at the first client error, with the client's own message (a UserError raised
+    on a client stays one)."""
     for reply in replies:
-        if not reply.has_error():
-            continue
-        reason = reply.error.reason
-        # Ray wraps the reason as <class ...>:<'...'>; drop the wrapper's closing "'>".
-        if USER_ERROR in reason:
-            raise UserError(reason.split(USER_ERROR)[-1].splitlines()[0].removesuffix("'>"))
-        last_line = [line for line in reason.strip().splitlines() if line.strip()][-1]
-        message = last_line.split("Message: ", 1)[-1].removesuffix("'>")
-        node = reply.metadata.src_node_id
-        raise ClientFailure(f"client {clients.get(node, node)} failed in {when}: {message}", details=reason)
-
-
-USER_ERROR = f"{UserError.__module__}.{UserError.__name__}: "
+        if reply.has_error():
+            raise_user_error(reply)
+            node = reply.metadata.src_node_id
+            line = failure_line(reply)
+            raise ClientFailure(
+                f"client {clients.get(node, node)} failed in {when}: {line}", details=reply.error.reason
+            )
 
 
 class OrderedGrid(Grid):
@@ -125,14 +119,16 @@ def train_config(experiment: Experiment, server_round: int) -> ConfigRecord:
     return RoundConfig(server_round=server_round, **settings).to_config()
 
 
-RoundCallback = Callable[[int, dict[str, float]], None]
+RoundCallback = Callable[..., None]  # (round, server metrics, *, trained=number of useful train replies)
 
 
 class Federation:
     """One experiment's federated run: the ServerApp main for any engine.
 
-    Writes metrics and a checkpoint to the run directory after every round and calls
-    ``on_round(round, server_metrics)`` (for a progress bar).
+    Writes metrics after every round and a checkpoint every ``checkpoint_every`` rounds
+    (and after the last) to the run directory, and calls
+    ``on_round(round, server_metrics, trained=useful_train_replies)`` (for a progress bar
+    and its warnings).
     """
 
     def __init__(
@@ -150,11 +146,15 @@ class Federation:
         self.dataset = env.dataset()
         self.num_clients = num_clients
         self.resume = resume
-        self.on_round = on_round or (lambda _round, _metrics: None)
+        self.on_round = on_round or (lambda _round, _metrics, **_: None)
         self.final: dict[str, float] = {}
         # each client's latest held-out figures, by measure (CLIENT_MEASURES) and client
         self.client_latest: dict[str, dict[int, float]] = {measure: {} for measure in CLIENT_MEASURES}
         self.accuracy_by_domain: dict[str, float] = {}
+        self.faults: dict[str, int] = {}  # what the rounds set aside, by kind (fedsim.faults)
+        faults = self.experiment.faults
+        plan = FaultPlan(self.experiment.seed, faults.probabilities(), _clients(faults.clients), faults.scale_factor)
+        self.screen = Screen(plan, faults.min_replies, self.experiment.guards.max_update_norm)
         self.evaluated_on = GLOBAL_TEST  # where `final` comes from; see is_personalized
         self._started = time.monotonic() if started is None else started  # when the command began
         # seconds spent in rounds (training, evaluation, metrics), over every command that
@@ -185,10 +185,12 @@ class Federation:
     # -- the run --------------------------------------------------------------------
     def __call__(self, grid: Grid, context: Context) -> None:
         grid = OrderedGrid(grid, discover_clients(grid, self.num_clients))
+        strategy = make_strategy(self.experiment, self.num_clients)
         if self.resume is not None:
-            strategy, arrays, first = self.resume.strategy, self.resume.arrays, self.resume.round + 1
+            restore_strategy(strategy, self.resume.strategy_state, str(self.run.checkpoint))
+            arrays, first = self.resume.arrays, self.resume.round + 1
         else:
-            strategy, arrays, first = make_strategy(self.experiment, self.num_clients), self.initial_arrays(), 1
+            arrays, first = self.initial_arrays(), 1
         self.evaluated_on = CLIENT_HOLDOUT if is_personalized(strategy) else GLOBAL_TEST
         if self.resume is not None:
             self._restore_from_metrics()
@@ -207,11 +209,12 @@ class Federation:
         # the choice depends on (seed, round) only, on every engine and after a resume.
         random.seed(derive_seed(self.experiment.seed, "sample", server_round))
 
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config(self.experiment, server_round), grid),
-            timeout=REPLY_TIMEOUT_S,
-        )
-        _raise_on_errors(replies, grid.clients, f"round {server_round} (train)")
+        messages = strategy.configure_train(server_round, arrays, train_config(self.experiment, server_round), grid)
+        messages = self.screen.plan.inject(messages, server_round, grid.clients)
+        replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
+        replies, faults = self.screen.train(replies, server_round, grid.clients, arrays)
+        trained = len(replies)  # useful replies: what the strategy aggregates
+        rows += self._fault_rows(server_round, "train", faults)
         rows += self._client_rows(server_round, replies, grid)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
@@ -222,12 +225,31 @@ class Federation:
             rows += self.evaluate(server_round, strategy, arrays, grid)
         self.run.append_metrics(rows)
         self.rounds_time_s += time.perf_counter() - started
+        if self.checkpoints_after(server_round):
+            self.save_checkpoint(server_round, strategy, arrays)
+        self.on_round(server_round, self.final, trained=trained)
+        return arrays
+
+    def checkpoints_after(self, server_round: int) -> bool:
+        """Every ``checkpoint_every`` rounds, and always after the last."""
+        return server_round % self.experiment.checkpoint_every == 0 or server_round == self.experiment.rounds
+
+    def save_checkpoint(self, server_round: int, strategy: Strategy, arrays: ArrayRecord) -> None:
+        """The global model, the strategy's state and the run's position, in one atomic
+        write; then the client states no resume can need any more go."""
+        metrics_bytes, metrics_sha256 = self.run.metrics_digest()
         checkpoint = Checkpoint(
-            server_round, arrays, strategy, self.run.metrics_size(), self.elapsed(), self.rounds_time_s
+            round=server_round,
+            arrays=arrays,
+            strategy_state=strategy_state(strategy),
+            metrics_bytes=metrics_bytes,
+            metrics_sha256=metrics_sha256,
+            elapsed_s=self.elapsed(),
+            rounds_time_s=self.rounds_time_s,
+            fingerprint=self.experiment.fingerprint(),
         )
         self.run.save_checkpoint(checkpoint)
-        self.on_round(server_round, self.final)
-        return arrays
+        ClientStateStore(self.run.client_state).prune(server_round)
 
     def evaluates_after(self, server_round: int) -> bool:
         """Every ``evaluate_every`` rounds, and always after the last; never if it is 0."""
@@ -243,8 +265,9 @@ class Federation:
             strategy.configure_evaluate(server_round, arrays, ConfigRecord({SERVER_ROUND: server_round}), grid),
             timeout=REPLY_TIMEOUT_S,
         )
-        _raise_on_errors(replies, grid.clients, f"round {server_round} (evaluate)")
-        rows = self._client_rows(server_round, replies, grid)
+        replies, faults = self.screen.evaluate(replies, server_round, grid.clients)
+        rows = self._fault_rows(server_round, "evaluate", faults)
+        rows += self._client_rows(server_round, replies, grid)
         for reply in replies:
             client = grid.clients[reply.metadata.src_node_id]
             for measure in CLIENT_MEASURES:
@@ -268,6 +291,15 @@ class Federation:
             MetricRow(server_round, scope, ident, key, float(value))
             for key, value in dict(metrics).items()
             if isinstance(value, (int, float)) and key != NUM_EXAMPLES
+        ]
+
+    def _fault_rows(self, server_round: int, phase: str, faults: RoundFaults) -> list[MetricRow]:
+        """Scope ``faults``: what the round set aside, by kind (kinds that happened only)."""
+        for kind, count in faults.counts.items():
+            self.faults[kind] = self.faults.get(kind, 0) + count
+        return [
+            MetricRow(server_round, "faults", phase, kind, float(count))
+            for kind, count in sorted(faults.counts.items())
         ]
 
     def _client_rows(self, server_round: int, replies: list[Message], grid: OrderedGrid) -> list[MetricRow]:
@@ -305,6 +337,12 @@ class Federation:
             self.client_latest[measure] = {int(client): value for client, value in zip(clients.id, clients.value)}
         domains = last[(last.scope == "domain") & (last.metric == "accuracy")]
         self.accuracy_by_domain = dict(zip(domains.id, domains.value))
+        set_aside = frame[frame.scope == "faults"].groupby("metric").value.sum()
+        self.faults = {kind: int(count) for kind, count in set_aside.items()}
+
+
+def _clients(clients: list[int] | None) -> frozenset[int] | None:
+    return None if clients is None else frozenset(clients)
 
 
 def is_personalized(strategy: Strategy) -> bool:

@@ -122,6 +122,16 @@ class FedBN(FedAvg):
                 complete[key] = arrays[key]
         return ArrayRecord(complete)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this strategy: the initial BatchNorm values it sends."""
+        if self.initial_batchnorm is None:
+            return {}
+        return {"initial_batchnorm": self.initial_batchnorm, "initial_order": list(self.initial_order or [])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial_batchnorm = state.get("initial_batchnorm")
+        self.initial_order = state.get("initial_order")
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

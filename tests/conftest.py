@@ -23,15 +23,18 @@ TINY = [
 ]
 
 
-def tiny_experiment(*overrides: str) -> Experiment:
-    """The quickstart shrunk to 4 clients on the 8x8 digits with a small MLP, 2 rounds.
-
-    Choosing another model drops the MLP's ``hidden`` option.
-    """
+def tiny_overrides(*overrides: str) -> list[str]:
+    """TINY then ``overrides``, as ``--set`` values; choosing another model drops the MLP's
+    ``hidden`` option."""
     base = TINY
     if any(override.startswith("model.name=") for override in overrides):
         base = [override for override in TINY if not override.startswith("model.hidden=")]
-    return load_experiment(QUICKSTART, [*base, *overrides])
+    return [*base, *overrides]
+
+
+def tiny_experiment(*overrides: str) -> Experiment:
+    """The quickstart shrunk to 4 clients on the 8x8 digits with a small MLP, 2 rounds."""
+    return load_experiment(QUICKSTART, tiny_overrides(*overrides))
 
 
 @pytest.fixture

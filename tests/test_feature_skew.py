@@ -173,21 +173,21 @@ def _reply(content):
 def test_fedbn_batchnorm_statistics_survive_rounds(engine, tmp_path):
     """num_batches_tracked counts every batch a client's BN layer has ever seen: it keeps
     growing from round to round only if the client's BN came back from its state."""
-    experiment = tiny_experiment(
-        "strategy.name=fedbn", "model.name=resnet", "model.width=4", f"engine.name={engine}", "rounds=2",
-        "client.batch_size=64",
-    )  # fmt: skip
-    run_experiment(experiment, tmp_path / "run")
-    store = ClientStateStore(tmp_path / "run/client_state")
+    states = {}
+    for rounds in (1, 2):  # a checkpoint keeps only the newest state, so run one round, then two
+        experiment = tiny_experiment(
+            "strategy.name=fedbn", "model.name=resnet", "model.width=4", f"engine.name={engine}",
+            f"rounds={rounds}", "client.batch_size=64",
+        )  # fmt: skip
+        run_experiment(experiment, tmp_path / f"run{rounds}")
+        states[rounds] = ClientStateStore(tmp_path / f"run{rounds}/client_state")
     key = "features.1.num_batches_tracked"
     for client in range(4):
-        after_one, after_two = int(store.load(client, 1)[key]), int(store.load(client, 2)[key])
+        after_one, after_two = int(states[1].load(client, 1)[key]), int(states[2].load(client, 2)[key])
         assert after_one > 0
         assert after_two == 2 * after_one, "round 2 must continue from round 1's statistics"
-        mean_one, mean_two = (
-            store.load(client, 1)["features.1.running_mean"],
-            store.load(client, 2)["features.1.running_mean"],
-        )
+        mean_one = states[1].load(client, 1)["features.1.running_mean"]
+        mean_two = states[2].load(client, 2)["features.1.running_mean"]
         assert not np.array_equal(mean_one, mean_two)
 
 

@@ -4,10 +4,12 @@ quickstart's promised accuracy."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedsim.cli import main
 from fedsim.config import load_experiment
@@ -15,7 +17,7 @@ from fedsim.results import METRIC_COLUMNS
 from fedsim.run import run_experiment
 from partitioners import Partition
 
-from .conftest import QUICKSTART, tiny_experiment
+from .conftest import QUICKSTART, ROOT, tiny_experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,13 +137,24 @@ def test_impossible_partition_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_quickstart_reaches_its_target(tmp_path, capsys):
-    """The README's promise: FedAvg on mnist5k, Dirichlet(0.5), 20 rounds -> >= 0.92."""
+README_QUICKSTART_ROW = re.compile(r"^\| `quickstart\.toml` \(seed 0\) \| (\d\.\d{4}) \|", re.MULTILINE)
+README_CAPABILITY = re.compile(r"whose PyTorch runs (\w+) kernels")
+
+
+def test_quickstart_reaches_its_target_and_the_readme_figure(tmp_path, capsys):
+    """The README's promise: FedAvg on mnist5k, Dirichlet(0.5), 20 rounds -> >= 0.92, and
+    to four decimals the figure its table shows, on a CPU that runs the kernels the README
+    names (float sums, and so the last digits, depend on them)."""
     assert main(["run", "--out", str(tmp_path / "qs")]) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "qs/summary.json").read_text())
     assert summary["accuracy"] >= 0.92
     assert f"accuracy {summary['accuracy']:.4f}" in out
+    readme = (ROOT / "README.md").read_text()
+    figure = README_QUICKSTART_ROW.search(readme).group(1)
+    capability = README_CAPABILITY.search(readme).group(1)
+    if torch.backends.cpu.get_cpu_capability() == capability:
+        assert f"{summary['accuracy']:.4f}" == figure, "README.md's quickstart figure is out of date"
     labels = Partition.load(tmp_path / "qs/partition.npz").label_matrix()
     shares = labels / labels.sum(axis=1, keepdims=True)
     assert np.mean(shares.max(axis=1)) > 0.2, "Dirichlet(0.5) should be visibly non-IID"

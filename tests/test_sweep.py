@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,10 +18,28 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedsim.sweep import processes as sweep_processes
 from fedsim.cli import main
 from fedsim.config import load_experiment
 from fedsim.errors import UserError
-from fedsim.sweep import make_spec, parse_grid_option, plan_runs, run_name, split_values, toml_value
+from fedsim.results import RunDirectory
+from fedsim.sweep import (
+    RunTask,
+    StopSignals,
+    SweepSpec,
+    check_resolved,
+    make_spec,
+    parse_grid_option,
+    plan_runs,
+    remove_temporary_files,
+    run_name,
+    split_values,
+    toml_value,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CROSS_SILO = ROOT / "experiments" / "feature-skew" / "cross-silo.toml"
+QUICKSTART = ROOT / "experiments" / "quickstart.toml"
 
 TINY = """\
 name = "tiny"
@@ -181,6 +200,143 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
             assert run["status"] in ("done", "resumed")
 
 
+# --- Ctrl-C and SIGTERM ----------------------------------------------------------------------
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """The processes of a process group that are still alive (zombies are dead), from /proc."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, group = stat[stat.rindex(")") + 2 :].split()[:3]
+        if int(group) == pgid and state not in "ZX":
+            alive.append(int(entry.name))
+    return alive
+
+
+def start_sweep(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim", *args],
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, sweep: subprocess.Popen, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert sweep.poll() is None, f"the sweep ended before {what}: {sweep.stderr.read()}"
+        if time.monotonic() > deadline:  # a guard against hanging, not a speed check
+            os.killpg(sweep.pid, signal.SIGKILL)
+            pytest.fail(f"not {what} within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def stop_and_check(sweep: subprocess.Popen, out: Path, signum: int, group: bool) -> float:
+    """Send the signal; the sweep must end with 130 and one line within 10 s, leaving no
+    process and no temporary file behind. Returns how long it took to stop."""
+    sent = time.monotonic()
+    (os.killpg if group else os.kill)(sweep.pid, signum)
+    try:
+        code = sweep.wait(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    took = time.monotonic() - sent
+    stderr = sweep.stderr.read()
+    assert code == 130, stderr
+    assert took < 10, f"took {took:.1f} s to stop"
+    assert stderr.count("\n") == 1 and "run the same command again to resume" in stderr, stderr
+    deadline = time.monotonic() + 5  # the resource tracker leaves when the sweep has gone
+    while live_processes_in_group(sweep.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_processes_in_group(sweep.pid) == []
+    assert [path.name for path in out.rglob("*.tmp")] == []
+    return took
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_ctrl_c_and_sigterm_stop_a_sweep_within_seconds_and_it_resumes(tmp_path):
+    """Slow (about a minute: three sweeps of two real runs, each starting two workers)."""
+    out = tmp_path / "out"
+    args = ["sweep", str(write_config(tmp_path)), "--seeds", "0,1", "--workers", "2", "--set", "rounds=60"]
+    args += ["--out", str(out), "--quiet"]
+    runs = [RunDirectory(out / name) for name in ("s0", "s1")]
+
+    # Ctrl-C in a terminal: SIGINT to the whole process group, workers included, mid-run
+    sweep = start_sweep(args)
+    wait_for(lambda: all(run.checkpoint.exists() for run in runs), sweep, "both runs checkpointed")
+    took_sigint = stop_and_check(sweep, out, signal.SIGINT, group=True)
+    assert {name: run["status"] for name, run in read_manifest(out).items()} == {
+        "s0": "interrupted",
+        "s1": "interrupted",
+    }
+    assert not any(run.summary.exists() for run in runs)
+
+    # SIGTERM to the sweep's main process alone, after it resumed both runs
+    checkpointed = [run.checkpoint.stat().st_mtime_ns for run in runs]
+    sweep = start_sweep(args)
+    wait_for(
+        lambda: all(run.checkpoint.stat().st_mtime_ns != before for run, before in zip(runs, checkpointed)),
+        sweep,
+        "both runs resumed",
+    )
+    took_sigterm = stop_and_check(sweep, out, signal.SIGTERM, group=False)
+    print(f"stopped in {took_sigint:.2f} s (SIGINT to the group), {took_sigterm:.2f} s (SIGTERM to the sweep)")
+
+    # the same command again finishes both, each from its checkpoint
+    assert main(args) == 0
+    manifest = read_manifest(out)
+    assert {name: run["status"] for name, run in manifest.items()} == {"s0": "resumed", "s1": "resumed"}
+    for run in runs:
+        assert json.loads(run.summary.read_text())["rounds_completed"] == 60
+        rounds = [round_ for round_, _value in global_curve(run.path, "accuracy")]
+        assert rounds == list(range(61))  # every round once: nothing lost, nothing repeated
+    assert [path.name for path in out.rglob("*.tmp")] == []
+
+
+def _stubborn_worker(ready) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks a worker")
+def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_processes, "GRACE_S", 0.5)
+    context = multiprocessing.get_context("fork")
+    ready, (receiver, sender) = context.Event(), context.Pipe(duplex=False)
+    process = context.Process(target=_stubborn_worker, args=(ready,))
+    process.start()
+    sender.close()
+    assert ready.wait(30)
+    worker = sweep_processes._Worker(RunTask("s0", str(tmp_path), None, False), process, receiver)
+    started = time.monotonic()
+    with StopSignals() as stop:
+        [stopped] = sweep_processes._stop_workers([worker], stop)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert not process.is_alive() and process.exitcode == -signal.SIGKILL
+    assert stopped.outcome.status == "interrupted"
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+    (tmp_path / "client_state").mkdir(parents=True)
+    leftovers = [tmp_path / ".metrics.csv.abc123.tmp", tmp_path / "client_state" / ".3.npz.x_y.tmp"]
+    kept = [tmp_path / "metrics.csv", tmp_path / "notes.tmp", tmp_path / ".fedsim.lock"]
+    for path in leftovers + kept:
+        path.write_text("x")
+    remove_temporary_files(tmp_path)
+    assert [path.exists() for path in leftovers] == [False, False]
+    assert all(path.exists() for path in kept)
+
+
 # --- failures ------------------------------------------------------------------------------
 
 
@@ -310,6 +466,143 @@ def test_set_fixes_a_key_the_sweep_table_would_vary(tmp_path):
 def test_a_sweep_grid_table_may_nest_its_keys(tmp_path):
     config = write_config(tmp_path, '\n[sweep.grid]\nstrategy.name = ["fedavg", "fedprox"]\n')
     assert [run.name for run in plan_runs(make_spec(config, [], None, []))] == ["fedavg-s0", "fedprox-s0"]
+
+
+# --- --grid against the file's grid: a run's name is what it ran -----------------------------
+
+
+def grid_values_of(config: dict, values: dict) -> dict:
+    """The grid keys' values as the run's config.toml resolved them (a table value: the
+    keys it sets)."""
+    resolved = {}
+    for key, value in values.items():
+        section = config
+        for part in key.split("."):
+            section = section[part]
+        resolved[key] = {sub: section[sub] for sub in value} if isinstance(value, dict) else section
+    return resolved
+
+
+def check_names_match_what_ran(out: Path) -> dict[str, str]:
+    """Every run's name, rebuilt from its config.toml, is its folder's name; its
+    summary.json agrees. Returns each run's strategy."""
+    strategies = {}
+    for name, run in read_manifest(out).items():
+        config = tomllib.loads((out / name / "config.toml").read_text())
+        summary = json.loads((out / name / "summary.json").read_text())
+        ran = grid_values_of(config, run["values"])
+        assert ran == run["values"]
+        assert run_name(ran, config["seed"]) == name
+        assert summary["strategy"] == config["strategy"]["name"] and summary["seed"] == config["seed"] == run["seed"]
+        strategies[name] = summary["strategy"]
+    return strategies
+
+
+def test_grid_strategy_name_replaces_the_files_strategy_tables(tmp_path):
+    """The new user's command of issue 12, with tiny runs: 2 strategies, not 4 x 2. Slow-ish
+    (10-25 s: two workers start; FedBN needs the file's BatchNorm CNN, not the MLP)."""
+    out = tmp_path / "out"
+    tiny = ["rounds=1", "dataset.name=digits", "partition.name=iid", "partition.num_clients=2"]
+    args = ["sweep", str(CROSS_SILO), "--grid", "strategy.name=fedavg,fedbn", "--seeds", "0", "--workers", "2"]
+    assert main([*args, *(f"--set={option}" for option in tiny), "--out", str(out), "--quiet"]) == 0
+    assert check_names_match_what_ran(out) == {"fedavg-s0": "fedavg", "fedbn-s0": "fedbn"}
+
+    # every seed of the file, planned: each run's experiment is its name's
+    runs = plan_runs(make_spec(CROSS_SILO, ["strategy.name=fedavg,fedbn"], None, []))
+    assert [run.name for run in runs] == ["fedavg-s0", "fedavg-s1", "fedavg-s2", "fedbn-s0", "fedbn-s1", "fedbn-s2"]
+    for run in runs:
+        assert run.name == f"{run.experiment.strategy.name}-s{run.experiment.seed}"
+        assert "proximal_mu" not in run.experiment.strategy.params  # nothing left of the file's FedProx table
+
+
+def test_a_quickstart_grid_names_what_each_run_ran(tmp_path):
+    """Slow-ish (10-20 s: two tiny runs on two workers)."""
+    out = tmp_path / "out"
+    tiny = ["rounds=1", "dataset.name=digits", "model.name=mlp", "partition.num_clients=2", "partition.min_size=1"]
+    grid = ["--grid", 'strategy={name="fedavg"},{name="fedprox",proximal_mu=0.1}', "--grid", "partition.alpha=1.0"]
+    args = ["sweep", str(QUICKSTART), *grid, "--workers", "2", *(f"--set={option}" for option in tiny)]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    assert check_names_match_what_ran(out) == {
+        "fedavg-alpha1.0-s0": "fedavg",
+        "fedprox-proximal_mu0.1-alpha1.0-s0": "fedprox",
+    }
+
+
+NESTED = '\n[sweep.grid]\nstrategy.name = ["fedavg", "fedprox"]\nclient.lr = [0.1, 0.2]\n'
+
+
+def test_grid_keys_replace_the_file_keys_they_overlap(tmp_path):
+    config = write_config(tmp_path, NESTED)
+    # a whole table replaces the file's keys inside it, in the file key's place
+    runs = plan_runs(make_spec(config, ['strategy={name="fedprox",proximal_mu=0.5}'], None, []))
+    assert [run.name for run in runs] == ["fedprox-proximal_mu0.5-lr0.1-s0", "fedprox-proximal_mu0.5-lr0.2-s0"]
+    # the same key
+    runs = plan_runs(make_spec(config, ["strategy.name=fedavg"], None, []))
+    assert [run.name for run in runs] == ["fedavg-lr0.1-s0", "fedavg-lr0.2-s0"]
+    # a key inside a table the file varies whole: the tables go
+    tables = write_config(tmp_path, '\n[sweep]\ngrid = { "client" = [{ lr = 0.1 }, { lr = 0.2 }] }\n')
+    runs = plan_runs(make_spec(tables, ["client.lr=0.3,0.4"], None, []))
+    assert [(run.name, run.experiment.client.lr) for run in runs] == [("lr0.3-s0", 0.3), ("lr0.4-s0", 0.4)]
+
+
+@pytest.mark.parametrize(
+    ("config", "grid", "overrides", "message"),
+    [
+        # FedProx's proximal_mu alone would drop the file's choice of strategies: which to run?
+        (
+            CROSS_SILO,
+            ["strategy.proximal_mu=0.1,1.0"],
+            [],
+            "--grid strategy.proximal_mu would replace the experiment file's [sweep] grid 'strategy', whose tables "
+            'also set name; give whole tables, e.g. --grid \'strategy={ "name" = "fedprox", "proximal_mu" = 0.1 },'
+            '{ "name" = "fedprox", "proximal_mu" = 1.0 }\', or fix strategy.name with --set',
+        ),
+        (
+            QUICKSTART,
+            ["strategy.name=fedavg,fedprox", 'strategy={name="fedprox",proximal_mu=0.1}'],
+            [],
+            "--grid strategy.name and --grid strategy overlap (both vary strategy.name); vary it in one --grid, "
+            'e.g. --grid \'strategy={ "name" = "fedavg", "proximal_mu" = 0.1 },{ "name" = "fedprox", "proximal_mu" = 0.1 }\'',
+        ),
+    ],
+)
+def test_grid_keys_that_cannot_replace_unambiguously_are_one_line(config, grid, overrides, message):
+    with pytest.raises(UserError) as raised:
+        make_spec(config, grid, None, overrides)
+    assert str(raised.value) == message
+
+
+def test_the_suggested_ways_around_an_ambiguous_grid_run(tmp_path):
+    runs = plan_runs(make_spec(CROSS_SILO, ["strategy.proximal_mu=0.1,1.0"], "0", ["strategy.name=fedprox"]))
+    assert [run.name for run in runs] == ["proximal_mu0.1-s0", "proximal_mu1.0-s0"]
+    assert {run.experiment.strategy.name for run in runs} == {"fedprox"}
+    grid = ['strategy={name="fedprox",proximal_mu=0.1},{name="fedprox",proximal_mu=1.0}']
+    runs = plan_runs(make_spec(CROSS_SILO, grid, "0", []))
+    assert [run.name for run in runs] == ["fedprox-proximal_mu0.1-s0", "fedprox-proximal_mu1.0-s0"]
+
+
+def test_a_file_grid_with_overlapping_keys_is_one_line(tmp_path):
+    config = write_config(
+        tmp_path, '\n[sweep]\ngrid = { "strategy" = [{ name = "fedprox" }], "strategy.name" = ["fedavg"] }\n'
+    )
+    with pytest.raises(UserError, match=r"grid: 'strategy' and 'strategy.name' overlap \(both vary strategy.name\)"):
+        make_spec(config, [], None, [])
+    twice = write_config(tmp_path, '\n[sweep]\ngrid = { "strategy.name" = ["fedavg"], strategy = { name = ["x"] } }\n')
+    with pytest.raises(UserError, match="lists 'strategy.name' twice"):
+        make_spec(twice, [], None, [])
+
+
+def test_a_run_that_did_not_resolve_its_grid_values_is_refused(tmp_path):
+    experiment = load_experiment(write_config(tmp_path))
+    check_resolved({"client.lr": 0.1, "strategy": {"name": "fedavg"}}, experiment)
+    with pytest.raises(UserError, match=r"strategy.name = \"fedbn\" in the grid, but the experiment resolved it to"):
+        check_resolved({"client.lr": 0.1, "strategy": {"name": "fedbn"}}, experiment)
+
+
+def test_a_spec_whose_keys_overlap_is_refused_before_anything_runs(tmp_path):
+    spec = SweepSpec(write_config(tmp_path), {"strategy": [{"name": "fedbn"}], "strategy.name": ["fedavg"]}, None)
+    with pytest.raises(UserError, match="overlap"):
+        plan_runs(spec)
 
 
 @pytest.mark.parametrize(

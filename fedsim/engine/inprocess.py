@@ -29,12 +29,13 @@ Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$
 class InProcessGrid(SimulatedGrid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
-    def __init__(self, client_app: ClientApp, num_clients: int) -> None:
+    def __init__(self, client_app: ClientApp, num_clients: int, client_timeout_s: float | None = None) -> None:
         super().__init__(num_clients)
         self._client_app = client_app
+        self.client_timeout_s = client_timeout_s
 
     def execute(self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:
-        return run_tasks(self._client_app, shared, tasks)
+        return run_tasks(self._client_app, shared, tasks, self.client_timeout_s)
 
 
 class InProcessEngine:
@@ -43,13 +44,21 @@ class InProcessEngine:
     ``num_threads`` is torch's thread count. It is part of the experiment because float
     sums depend on it: with the same count as the Ray engine's ``num_cpus`` (1 by default
     on both) the two engines give bit-identical results. Raise it for large models.
+    ``client_timeout_s`` ends a client still busy after that many seconds: it counts as
+    timed out, and the round goes on without it.
     """
 
-    def __init__(self, device: Device = "auto", num_threads: Annotated[int, Field(ge=1)] = 1) -> None:
+    def __init__(
+        self,
+        device: Device = "auto",
+        num_threads: Annotated[int, Field(ge=1, le=1024)] = 1,
+        client_timeout_s: Annotated[float, Field(gt=0)] | None = None,
+    ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device = {device!r}, but this machine has no usable GPU; use 'auto' or 'cpu'")
         self.device = device
         self.num_threads = num_threads
+        self.client_timeout_s = client_timeout_s
 
     @property
     def client_threads(self) -> int:
@@ -61,6 +70,6 @@ class InProcessEngine:
     ) -> None:
         worker_for(env)  # the data, the model and PyTorch's lazy imports, before the first round
         settle_garbage_collector()
-        grid = InProcessGrid(client_app, partition.num_clients)
+        grid = InProcessGrid(client_app, partition.num_clients, self.client_timeout_s)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         server_main(grid, context)

@@ -100,6 +100,8 @@ class RayEngine:
     ``num_workers`` defaults to one per ``num_cpus`` CPUs of the cluster, or, with
     ``num_gpus`` set, one per GPU share (whichever is fewer). ``device = "auto"`` trains
     on the GPU share a worker holds, else on the CPU.
+    ``client_timeout_s`` ends a client still busy after that many seconds (it counts as
+    timed out; the round goes on without it).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class RayEngine:
         num_gpus: Annotated[float, Field(ge=0)] | None = None,
         address: str | None = None,
         device: Device = "auto",
+        client_timeout_s: Annotated[float, Field(gt=0)] | None = None,
     ) -> None:
         if num_gpus is not None and num_gpus > 1 and num_gpus != int(num_gpus):
             raise ValueError(f"num_gpus = {num_gpus} is invalid: a worker takes a fraction of one GPU or whole GPUs")
@@ -121,6 +124,7 @@ class RayEngine:
         self.num_gpus = num_gpus
         self.address = address
         self.requested_device = device
+        self.client_timeout_s = client_timeout_s
         self._layout: tuple[int, float] | None = None
         self._started_ray = False  # whether this engine started Ray (and so shuts it down)
 
@@ -171,7 +175,7 @@ class RayEngine:
         workers, gpu_share = self.layout()
         pool = WorkerPool(client_app, env, min(workers, partition.num_clients), self.num_cpus, gpu_share)
         try:
-            grid = RayGrid(pool, partition.num_clients, partition.sizes)
+            grid = RayGrid(pool, partition.num_clients, partition.sizes, self.client_timeout_s)
             context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
             server_main(grid, context)
         finally:
@@ -196,8 +200,10 @@ class WorkerActor:
         settle_garbage_collector()
         return os.getpid()
 
-    def run(self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:
-        return run_tasks(self.client_app, shared, tasks)
+    def run(
+        self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask], timeout_s: float | None = None
+    ) -> list[TaskResult]:
+        return run_tasks(self.client_app, shared, tasks, timeout_s)
 
 
 class WorkerPool:
@@ -255,10 +261,13 @@ def _first_line(error: BaseException) -> str:
 class RayGrid(SimulatedGrid):
     """A Grid that runs each push's tasks on a WorkerPool, a chunk per actor."""
 
-    def __init__(self, pool: WorkerPool, num_clients: int, client_sizes: Sequence[int]) -> None:
+    def __init__(
+        self, pool: WorkerPool, num_clients: int, client_sizes: Sequence[int], client_timeout_s: float | None = None
+    ) -> None:
         super().__init__(num_clients)
         self.pool = pool
         self.client_sizes = client_sizes
+        self.client_timeout_s = client_timeout_s
 
     def chunks(self, tasks: Sequence[ClientTask]) -> list[list[int]]:
         """Task indices per actor: the largest clients first, each to the least-loaded
@@ -278,7 +287,10 @@ class RayGrid(SimulatedGrid):
             return []
         shared_ref = ray.put(list(shared))  # once per push, however many clients read it
         running = {
-            self.pool.actors[slot].run.remote(shared_ref, [tasks[i] for i in chunk]): (slot, chunk)
+            self.pool.actors[slot].run.remote(shared_ref, [tasks[i] for i in chunk], self.client_timeout_s): (
+                slot,
+                chunk,
+            )
             for slot, chunk in enumerate(self.chunks(tasks))
         }
         results: list[TaskResult | None] = [None] * len(tasks)
@@ -305,7 +317,8 @@ class RayGrid(SimulatedGrid):
         while pending or running:
             while pending and idle:
                 slot, index = idle.pop(), pending.popleft()
-                running[self.pool.actors[slot].run.remote(shared_ref, [tasks[index]])] = (slot, index)
+                task = self.pool.actors[slot].run.remote(shared_ref, [tasks[index]], self.client_timeout_s)
+                running[task] = (slot, index)
             [future], _ = ray.wait(list(running), num_returns=1)
             slot, index = running.pop(future)
             try:

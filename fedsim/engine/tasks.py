@@ -11,9 +11,12 @@ and its own copies of the other records, never a deep copy of the whole message.
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +78,11 @@ def unpack(task: ClientTask, shared: Sequence[ArrayRecord]) -> Message:
     return Message(content=content, metadata=copy.copy(task.metadata))
 
 
-def run_tasks(client_app: ClientApp, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:
-    """Run each task through the ClientApp, in order; an exception becomes an error reply,
-    as under Flower's own engines."""
+def run_tasks(
+    client_app: ClientApp, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask], timeout_s: float | None = None
+) -> list[TaskResult]:
+    """Run each task through the ClientApp, in order; an exception, or a client still busy
+    after ``timeout_s``, becomes an error reply, as under Flower's own engines."""
     results = []
     for task in tasks:
         message = unpack(task, shared)
@@ -89,12 +94,41 @@ def run_tasks(client_app: ClientApp, shared: Sequence[ArrayRecord], tasks: Seque
             run_config={},
         )
         try:
-            reply = client_app(message, context)
+            with time_limit(timeout_s):
+                reply = client_app(message, context)
+        except ClientTimeout as timeout:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(timeout)), reply_to=message)
         except Exception:
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc())
             reply = Message(error, reply_to=message)
         results.append(TaskResult(reply, context.state if len(context.state) else None))
     return results
+
+
+class ClientTimeout(BaseException):
+    """Raised inside a client still busy after ``[engine] client_timeout_s``: a
+    BaseException, so that the client's own ``except Exception`` does not swallow it."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` with :class:`ClientTimeout` (SIGALRM: Python
+    code and sleeps are interrupted, a running native kernel finishes first). Signals reach
+    only a process's main thread, where engines run their clients; elsewhere no limit."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise ClientTimeout(f"ClientTimeout: no reply within [engine] client_timeout_s = {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class SharedArrays(ArrayRecord):

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
+
+Width = Annotated[int, Field(ge=1)]
+"""A layer's width (units or channels): at least 1, as PyTorch cannot build an empty layer."""
 
 
 class MLP(nn.Module):
     """A multilayer perceptron on flattened inputs."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (200, 200)) -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[Width, ...] = (200, 200)) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
@@ -35,8 +40,8 @@ class LeNet(nn.Module):
         self,
         input_shape: tuple[int, ...],
         num_classes: int,
-        channels: tuple[int, int] = (6, 16),
-        hidden: tuple[int, int] = (120, 84),
+        channels: tuple[Width, Width] = (6, 16),
+        hidden: tuple[Width, Width] = (120, 84),
     ) -> None:
         super().__init__()
         in_channels, height, width = input_shape
