@@ -17,21 +17,23 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY
 
 from fedsim.data import ClientData
 from fedsim.environment import RunEnvironment
 from fedsim.faults import FAULT_KEY, act_out
+from fedsim.multimodel import PREFIX
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
-from fedsim.trainer import RoundConfig
+from fedsim.trainer import ClientTrainer, RoundConfig
 from fedsim.training import classification_metrics
 from fedsim.worker import worker_for
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
+STATISTICS_KEY = "statistics"  # a query's answer as arrays
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight replies by this metric
 DOMAIN_CORRECT = "domain-correct"
 DOMAIN_COUNT = "domain-count"
@@ -59,6 +61,27 @@ def only(records: dict, kind: str):
     return next(iter(records.values()))
 
 
+def received_arrays(records: dict, trainer: ClientTrainer):
+    """What a trainer receives: the message's one ArrayRecord, or, for a trainer that takes
+    several models (:mod:`fedsim.multimodel`), the dict of named model records."""
+    if not trainer.takes_several_models:
+        if len(records) > 1:
+            raise ValueError(
+                f"the strategy sent {len(records)} ArrayRecords ({', '.join(records)}) but its client trainer "
+                f"{type(trainer).__name__} takes one model; a trainer for several sets takes_several_models = True"
+            )
+        return only(records, "ArrayRecord")
+    unnamed = [key for key in records if not key.startswith(PREFIX)]
+    if unnamed or not records:
+        raise ValueError(f"{type(trainer).__name__} takes models named {PREFIX}0, {PREFIX}1, ...; got {list(records)}")
+    return dict(records)
+
+
+def reply_arrays(arrays) -> dict:
+    """The reply's ArrayRecords: one under ``arrays``, or each named model under its name."""
+    return dict(arrays) if isinstance(arrays, dict) else {ARRAYS_KEY: arrays}
+
+
 def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -> ClientApp:
     """The ClientApp: train, evaluate, and a query that tells the server who this node is.
 
@@ -78,8 +101,8 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         server_round = config.server_round
         seed = derive_seed(worker.env.experiment.seed, "train", server_round, client)
         seed_torch_globally(seed, worker.device)  # dropout and any other global-RNG draw in the model
-        data = worker.client_data(client)
-        received = only(message.content.array_records, "ArrayRecord")
+        data = worker.client_data(client, server_round)
+        received = received_arrays(message.content.array_records, worker.trainer)
         result = worker.trainer.train(
             worker.model(),
             received,
@@ -91,24 +114,43 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         )
         worker.state_store.save(client, server_round, result.state)
         metrics = MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})
-        arrays = act_out(fault, config.extra, received, result.arrays)
-        return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=message)
+        if isinstance(result.arrays, dict):
+            arrays = {
+                name: act_out(fault, config.extra, received.get(name), record) for name, record in result.arrays.items()
+            }
+        else:
+            arrays = act_out(fault, config.extra, received, result.arrays)
+        return Message(RecordDict({**reply_arrays(arrays), METRICS_KEY: metrics}), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         worker = worker_for(environment_for(context))
         client = client_id(context)
         config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
-        data = worker.client_data(client)
+        data = worker.client_data(client, config.server_round)
         state = worker.state_store.load(client, config.server_round)
-        arrays = only(message.content.array_records, "ArrayRecord")
+        arrays = received_arrays(message.content.array_records, worker.trainer)
         logits = worker.trainer.predict(worker.model(), arrays, data, config, state, worker.device)
         metrics = evaluation_metrics(logits, data, len(worker.dataset.domains))
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        reply = ConfigRecord({PARTITION_ID_KEY: client_id(context)})
-        return Message(RecordDict({CONFIG_KEY: reply}), reply_to=message)
+        if not message.content.config_records:  # the server's start-up question: who are you?
+            reply = ConfigRecord({PARTITION_ID_KEY: client_id(context)})
+            return Message(RecordDict({CONFIG_KEY: reply}), reply_to=message)
+        worker = worker_for(environment_for(context))  # a strategy's query (fedsim.serverapp.Federation.query)
+        client = client_id(context)
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
+        data = worker.client_data(client, config.server_round)
+        state = worker.state_store.load(client, config.server_round - 1)
+        arrays = received_arrays(message.content.array_records, worker.trainer)
+        result = worker.trainer.query(worker.model(), arrays, data, config, state, worker.device)
+        content = {METRICS_KEY: MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})}
+        if result.statistics:
+            content[STATISTICS_KEY] = ArrayRecord(
+                {key: Array(np.ascontiguousarray(v)) for key, v in result.statistics.items()}
+            )
+        return Message(RecordDict(content), reply_to=message)
 
     return app

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedsim import multimodel
 from fedsim.errors import ClientFailure, UserError
 from fedsim.seeding import derive_seed
 
@@ -216,15 +217,17 @@ def useful_update(reply: Message, global_arrays: dict[str, np.ndarray] | None, m
     """Why a train reply's update must not be aggregated (``nonfinite``, ``norm_rejected``),
     or None. Every floating array is checked, whatever the strategy."""
     squared = 0.0
-    for record in reply.content.array_records.values():
+    for name, record in reply.content.array_records.items():
+        # several models (fedsim.multimodel): the global record holds them as "model.k/key"
+        prefix = f"{name}{multimodel.SEPARATOR}" if name.startswith(multimodel.PREFIX) else ""
         for key, array in record.items():
             values = array.numpy()
             if not np.issubdtype(values.dtype, np.floating):
                 continue
             if not np.isfinite(values).all():
                 return "nonfinite"
-            if max_norm is not None and global_arrays is not None and key in global_arrays:
-                squared += float(np.sum((values.astype(np.float64) - global_arrays[key]) ** 2))
+            if max_norm is not None and global_arrays is not None and prefix + key in global_arrays:
+                squared += float(np.sum((values.astype(np.float64) - global_arrays[prefix + key]) ** 2))
     if max_norm is not None and squared > max_norm**2:
         return "norm_rejected"
     return None

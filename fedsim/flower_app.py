@@ -220,9 +220,7 @@ def _main(grid: Grid, context: Context) -> None:
             _say("round %d/%d, accuracy %s", server_round, experiment.rounds, shown)
 
         env = environment(flower_run)
-        federation = Federation(
-            env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
-        )
+        federation = Federation(env, prepared.run, prepared.partition, prepared.checkpoint, on_round, prepared.started)
         federation(grid, context)
         result = finish_run(experiment, prepared, federation)
     _say("finished: accuracy %s, summary in %s", result.summary.get("accuracy"), result.path / "summary.json")

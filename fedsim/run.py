@@ -106,7 +106,10 @@ def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federa
 
     summary = make_summary(experiment, federation, prepared.partition, federation.elapsed())
     run = prepared.run
-    plot_training(run.read_metrics(), run.plots / "accuracy.png", f"{experiment.name}: {experiment.strategy.name}")
+    partition = federation.partition
+    starts = [r for r in range(2, experiment.rounds + 1) if partition.slot_of(r) != partition.slot_of(r - 1)]
+    title = f"{experiment.name}: {experiment.strategy.name}"
+    plot_training(run.read_metrics(), run.plots / "accuracy.png", title, slot_starts=starts)
     run.write_summary(summary)
     return RunResult(run.path, summary, prepared.status)
 
@@ -132,7 +135,7 @@ def run_experiment(
         done = prepared.checkpoint.round if prepared.checkpoint else 0
         with round_progress(experiment, enabled=progress, done=done) as on_round:
             federation = Federation(
-                env, prepared.run, prepared.partition.num_clients, prepared.checkpoint, on_round, prepared.started
+                env, prepared.run, prepared.partition, prepared.checkpoint, on_round, prepared.started
             )
             engine.execute(federation, make_client_app(env), env, prepared.partition)
         return finish_run(experiment, prepared, federation)
@@ -154,6 +157,8 @@ def make_summary(experiment: Experiment, federation: Federation, partition: Part
         "accuracy_by_domain": federation.accuracy_by_domain or None,
         # what the rounds set aside (fedsim.faults): dropped, raised, timed_out, worker_died, nonfinite, ...
         "faults": dict(sorted(federation.faults.items())),
+        # a drift stream's figures (fedsim.stream_metrics): by slot, by concept, drift detection
+        **(federation.stream.summary() if federation.stream is not None else {}),
         "rounds_completed": experiment.rounds,
         "seed": experiment.seed,
         "engine": experiment.engine.name,

@@ -11,105 +11,33 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.constant import PARTITION_ID_KEY
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 
+from fedsim import multimodel
 from fedsim.checkpoint import Checkpoint, restore_strategy, strategy_state
-from fedsim.clientapp import CONFIG_KEY, DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
+from fedsim.clientapp import DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
 from fedsim.components import make_strategy
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
-from fedsim.errors import ClientFailure
-from fedsim.faults import FaultPlan, RoundFaults, Screen, failure_line, raise_user_error
+from fedsim.faults import FaultPlan, RoundFaults, Screen
+from fedsim.ordered_grid import OrderedGrid, discover_clients
 from fedsim.results import CLIENT_HOLDOUT, GLOBAL_TEST, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore
-from fedsim.trainer import SERVER_ROUND, RoundConfig
+from fedsim.stream_metrics import StreamMetrics, is_stream
+from fedsim.trainer import SERVER_ROUND, TIME_SLOT, RoundConfig
 from fedsim.training import classification_metrics, predict
+from partitioners import Partition
 
+MAX_QUERY_STAGES = 16  # a strategy that keeps asking is a bug, not a long study
 REPLY_TIMEOUT_S = 24 * 3600.0  # a simulated client never drops out; waiting is correct
 CLIENT_MEASURES = ("accuracy", "loss")  # what the summary follows on each client's held-out data
-
-
-def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
-    """Ask every node which client (partition id) it is: node id -> client id.
-
-    Engines number nodes their own way (Flower's draws them at random); the client id is
-    what data, seeds and results are keyed by. fedsim's own grids know the answer
-    (``partition_ids``); any other Grid is asked, one query message per node.
-    """
-    known = getattr(grid, "partition_ids", None)
-    if known is not None:
-        return known()
-    deadline = time.monotonic() + timeout_s
-    while len(node_ids := list(grid.get_node_ids())) < num_clients:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(node_ids)} of {num_clients} simulated clients came online")
-        time.sleep(0.05)
-    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
-    replies = list(grid.send_and_receive(queries, timeout=timeout_s))
-    _raise_on_errors(replies, {}, "start-up")
-    return {reply.metadata.src_node_id: int(reply.content[CONFIG_KEY][PARTITION_ID_KEY]) for reply in replies}
-
-
-def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: str) -> None:
-    """Stop at the first client error, with the client's own message (a UserError raised
-    on a client stays one)."""
-    for reply in replies:
-        if reply.has_error():
-            raise_user_error(reply)
-            node = reply.metadata.src_node_id
-            line = failure_line(reply)
-            raise ClientFailure(
-                f"client {clients.get(node, node)} failed in {when}: {line}", details=reply.error.reason
-            )
-
-
-class OrderedGrid(Grid):
-    """A Grid seen in client-id order: nodes are listed, and replies returned, by client.
-
-    Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)`` and
-    aggregate replies in the order they come. With a fixed order here and ``random``
-    reseeded each round, every engine picks the same clients and sums in the same order.
-    """
-
-    def __init__(self, grid: Grid, clients: dict[int, int]) -> None:
-        self._grid = grid
-        self.clients = clients
-        self._nodes = sorted(clients, key=clients.__getitem__)
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if len(replies) != len(messages):
-            raise ClientFailure(f"{len(messages) - len(replies)} of {len(messages)} clients did not reply")
-        return sorted(replies, key=lambda reply: self.clients[reply.metadata.src_node_id])
 
 
 def train_config(experiment: Experiment, server_round: int) -> ConfigRecord:
@@ -135,7 +63,7 @@ class Federation:
         self,
         env: RunEnvironment,
         run: RunDirectory,
-        num_clients: int,
+        partition: Partition,
         resume: Checkpoint | None = None,
         on_round: RoundCallback | None = None,
         started: float | None = None,
@@ -144,7 +72,14 @@ class Federation:
         self.experiment = env.experiment
         self.run = run
         self.dataset = env.dataset()
-        self.num_clients = num_clients
+        self.partition = partition
+        self.num_clients = partition.num_clients
+        # a drift stream's per-slot, per-concept and drift-detection figures (fedsim.stream_metrics)
+        self.stream = (
+            StreamMetrics(partition, self.experiment.rounds, self.experiment.evaluate_every)
+            if is_stream(partition)
+            else None
+        )
         self.resume = resume
         self.on_round = on_round or (lambda _round, _metrics, **_: None)
         self.final: dict[str, float] = {}
@@ -162,12 +97,21 @@ class Federation:
         self.rounds_time_s = resume.rounds_time_s if resume else 0.0
 
     # -- building blocks ------------------------------------------------------------
-    def initial_arrays(self) -> ArrayRecord:
-        torch.manual_seed(derive_seed(self.experiment.seed, "init"))
+    def new_model_arrays(self, index: int = 0) -> ArrayRecord:
+        """A freshly initialised model; model ``index`` of a strategy with several gets its own draw."""
+        torch.manual_seed(derive_seed(self.experiment.seed, "init", *([index] if index else [])))
         return ArrayRecord(self.env.new_model().state_dict())
 
-    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Centralised evaluation of the global model on the dataset's test split.
+    def initial_arrays(self, strategy: Strategy) -> ArrayRecord:
+        """The global arrays before round 1: one new model, or what the strategy's
+        ``initial_arrays(new_model)`` makes of new models (several, :mod:`fedsim.multimodel`)."""
+        make = getattr(strategy, "initial_arrays", None)
+        return make(self.new_model_arrays) if callable(make) else self.new_model_arrays()
+
+    def evaluate_global(
+        self, arrays: ArrayRecord, x: np.ndarray | None = None, y: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Centralised evaluation of the global model on the dataset's test split (or ``x``, ``y``).
 
         Keys a strategy keeps on the clients (FedBN's BN layers) stay at initial values.
         """
@@ -175,7 +119,8 @@ class Federation:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         device = self.env.enter(server=True)
         model.to(device)
-        return classification_metrics(predict(model, self.dataset.x_test, device), self.dataset.y_test)
+        x, y = (self.dataset.x_test, self.dataset.y_test) if x is None else (x, y)
+        return classification_metrics(predict(model, x, device), y)
 
     def elapsed(self) -> float:
         """Wall time of the whole run, over every command that worked on it."""
@@ -190,8 +135,11 @@ class Federation:
             restore_strategy(strategy, self.resume.strategy_state, str(self.run.checkpoint))
             arrays, first = self.resume.arrays, self.resume.round + 1
         else:
-            arrays, first = self.initial_arrays(), 1
-        self.evaluated_on = CLIENT_HOLDOUT if is_personalized(strategy) else GLOBAL_TEST
+            arrays, first = self.initial_arrays(strategy), 1
+        # under drift, each client's current data is the test that matters; with several
+        # global models, so is the model each client picks
+        personal = is_personalized(strategy) or self.stream is not None or multimodel.is_packed(arrays)
+        self.evaluated_on = CLIENT_HOLDOUT if personal else GLOBAL_TEST
         if self.resume is not None:
             self._restore_from_metrics()
         elif self.evaluated_on == GLOBAL_TEST and self.experiment.evaluate_every > 0:
@@ -204,18 +152,21 @@ class Federation:
     def play_round(
         self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid, started: float
     ) -> ArrayRecord:
-        rows: list[MetricRow] = []
+        random.seed(derive_seed(self.experiment.seed, "query", server_round))
+        rows = self.query(server_round, strategy, arrays, grid)
         # Flower samples clients with the module-level `random`: seed it per round, so
         # the choice depends on (seed, round) only, on every engine and after a resume.
         random.seed(derive_seed(self.experiment.seed, "sample", server_round))
-
-        messages = strategy.configure_train(server_round, arrays, train_config(self.experiment, server_round), grid)
+        config = ConfigRecord({**train_config(self.experiment, server_round), **self.slot_config(server_round)})
+        messages = strategy.configure_train(server_round, arrays, config, grid)
         messages = self.screen.plan.inject(messages, server_round, grid.clients)
         replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
         replies, faults = self.screen.train(replies, server_round, grid.clients, arrays)
         trained = len(replies)  # useful replies: what the strategy aggregates
         rows += self._fault_rows(server_round, "train", faults)
         rows += self._client_rows(server_round, replies, grid)
+        if self.stream is not None:
+            rows += self.stream.detection_rows(server_round, self._by_client(replies, grid))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -229,6 +180,35 @@ class Federation:
             self.save_checkpoint(server_round, strategy, arrays)
         self.on_round(server_round, self.final, trained=trained)
         return arrays
+
+    def slot_config(self, server_round: int) -> dict[str, int]:
+        return {TIME_SLOT: self.partition.slot_of(server_round)}
+
+    def query(self, server_round: int, strategy: Strategy, arrays: ArrayRecord, grid: OrderedGrid) -> list[MetricRow]:
+        """Rounds that do not train: before training, a strategy with ``configure_query``
+        (same arguments as ``configure_train``) may ask clients for statistics; the replies
+        go to its ``aggregate_query(server_round, replies) -> MetricRecord | None``. It is
+        asked again after each, until it sends nothing (several stages: FedDAA's
+        prototypes, then drift detection against the centres they gave)."""
+        configure = getattr(strategy, "configure_query", None)
+        if not callable(configure):
+            return []
+        rows: list[MetricRow] = []
+        for _stage in range(MAX_QUERY_STAGES):
+            config = ConfigRecord({SERVER_ROUND: server_round, **self.slot_config(server_round)})
+            messages = list(configure(server_round, arrays, config, grid))
+            if not messages:
+                return rows
+            replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
+            replies, faults = self.screen.evaluate(replies, server_round, grid.clients)
+            rows += self._fault_rows(server_round, "query", faults)
+            if self.stream is not None:
+                rows += self.stream.detection_rows(server_round, self._by_client(replies, grid))
+            metrics = strategy.aggregate_query(server_round, replies) or MetricRecord()
+            rows += self._rows(server_round, "federated", "query", metrics)
+        raise RuntimeError(
+            f"{type(strategy).__name__}.configure_query asked more than {MAX_QUERY_STAGES} times in a round"
+        )
 
     def checkpoints_after(self, server_round: int) -> bool:
         """Every ``checkpoint_every`` rounds, and always after the last."""
@@ -262,7 +242,9 @@ class Federation:
         """Client-side evaluation on the clients' held-out data, then the global model's on
         the test split (unless the strategy is personalised)."""
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord({SERVER_ROUND: server_round}), grid),
+            strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord({SERVER_ROUND: server_round, **self.slot_config(server_round)}), grid
+            ),
             timeout=REPLY_TIMEOUT_S,
         )
         replies, faults = self.screen.evaluate(replies, server_round, grid.clients)
@@ -273,6 +255,10 @@ class Federation:
             for measure in CLIENT_MEASURES:
                 self.client_latest[measure][client] = float(reply.content[METRICS_KEY].get(measure, np.nan))
         rows += self._domain_rows(server_round, replies)
+        if self.stream is not None:
+            rows += self.stream.evaluation_rows(server_round, self._by_client(replies, grid))
+            if self.stream.last_evaluated_round(self.partition.slot_of(server_round)) == server_round:
+                rows += self.stream.test_set_rows(server_round, arrays, self.dataset, self.evaluate_global)
         on_clients = strategy.aggregate_evaluate(server_round, replies) or {}
         rows += self._rows(server_round, "federated", "evaluate", on_clients)
 
@@ -301,6 +287,10 @@ class Federation:
             MetricRow(server_round, "faults", phase, kind, float(count))
             for kind, count in sorted(faults.counts.items())
         ]
+
+    @staticmethod
+    def _by_client(replies: list[Message], grid: OrderedGrid) -> list[tuple[int, dict]]:
+        return [(grid.clients[reply.metadata.src_node_id], dict(reply.content[METRICS_KEY])) for reply in replies]
 
     def _client_rows(self, server_round: int, replies: list[Message], grid: OrderedGrid) -> list[MetricRow]:
         rows = []
@@ -339,6 +329,8 @@ class Federation:
         self.accuracy_by_domain = dict(zip(domains.id, domains.value))
         set_aside = frame[frame.scope == "faults"].groupby("metric").value.sum()
         self.faults = {kind: int(count) for kind, count in set_aside.items()}
+        if self.stream is not None:
+            self.stream.restore(frame)
 
 
 def _clients(clients: list[int] | None) -> frozenset[int] | None:

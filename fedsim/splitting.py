@@ -14,7 +14,7 @@ from fedsim.components import make_partitioner
 from fedsim.config import Experiment
 from fedsim.data import Dataset
 from fedsim.errors import UserError
-from partitioners import Partition, Partitioner
+from partitioners import DriftStream, Partition, Partitioner
 from partitioners.skew import SkewReport
 
 
@@ -84,7 +84,9 @@ def describe_partition(
     """Measure the partition's skew and write ``out/skew.json`` and the heatmaps under
     ``out/plots``: clients x classes (``labels_plot``), and clients x clusters or domains
     where the split has them. Embedding and domain splits also get the feature-skew
-    distances, on the embedding split's own embeddings or else on pixel embeddings."""
+    distances, on the embedding split's own embeddings or else on pixel embeddings. A drift
+    stream (whose skew is its first slot's) adds a ``stream`` section to skew.json and
+    the clients x slots maps of :func:`describe_stream`."""
     from fedsim import atomic
     from fedsim.plots import plot_heatmap
 
@@ -94,7 +96,10 @@ def describe_partition(
         embedder = getattr(partitioner, "embedder", "pixels")
         embeddings = dataset_embeddings(experiment, dataset, embedder, getattr(partitioner, "embedder_options", None))
     report = partition.skew(embeddings)
-    atomic.write_text(out / "skew.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    described = report.to_dict()
+    if isinstance(partition, DriftStream):
+        described["stream"] = partition.summary()
+    atomic.write_text(out / "skew.json", json.dumps(described, indent=2) + "\n")
 
     name = experiment.partition.name
     plot_heatmap(
@@ -123,4 +128,42 @@ def describe_partition(
             "domain",
             names,
         )
+    if isinstance(partition, DriftStream):
+        describe_stream(name, partition, out / "plots")
     return report
+
+
+# Drift events by bitmask (1 real, 2 virtual, 4 label): no drift pale, each kind its own hue.
+EVENT_COLOURS = {
+    0: "#eeeeee",
+    1: "#d62728",
+    2: "#1f77b4",
+    3: "#9467bd",
+    4: "#2ca02c",
+    5: "#ff7f0e",
+    6: "#17becf",
+    7: "#8c564b",
+}
+
+
+def describe_stream(name: str, stream: DriftStream, plots: Path) -> None:
+    """Draw a drift stream: clients x slots maps of each view's main concept
+    (``stream_concepts.png``) and of the drift events into each slot (``stream_events.png``)."""
+    from fedsim.plots import plot_categories
+    from partitioners.drift import EVENT_NAMES
+
+    plot_categories(
+        stream.concept_matrix(),
+        plots / "stream_concepts.png",
+        f"{name}: main concept per client and slot ({stream.rounds_per_slot} rounds per slot)",
+        [f"{k}: {spec}" for k, spec in enumerate(stream.concept_specs)],
+        legend_title="concept (label map)",
+    )
+    plot_categories(
+        stream.events,
+        plots / "stream_events.png",
+        f"{name}: drift into each slot",
+        EVENT_NAMES,
+        colours=EVENT_COLOURS,
+        legend_title="drift",
+    )

@@ -25,6 +25,7 @@ from fedsim.errors import UserError
 from fedsim.training import batches, predict
 
 SERVER_ROUND = "server-round"  # the key Flower's strategies use for the round number
+TIME_SLOT = "time-slot"  # the round's slot of a drift stream (0 on a static partition), in every config fedsim sends
 
 ClientState = dict[str, np.ndarray]
 """Per-client arrays kept between rounds (FedBN's BN layers, say); never sent."""
@@ -72,9 +73,19 @@ class RoundConfig:
 
 @dataclass
 class TrainResult:
-    arrays: ArrayRecord
+    arrays: ArrayRecord | dict[str, ArrayRecord]  # several named models: fedsim.multimodel
     metrics: dict[str, float]
     state: ClientState = field(default_factory=dict)
+
+
+@dataclass
+class QueryResult:
+    """A client's answer to a strategy's query (a round that does not train): metrics
+    (numbers, or lists of numbers) and statistics as arrays. It changes no client state,
+    so a resumed run asks again and gets the same answer."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class ClientTrainer:
@@ -82,7 +93,12 @@ class ClientTrainer:
 
     Honours Flower's FedProx (Li et al., 2020): a ``proximal-mu`` in the round's config
     adds (mu / 2) * ||w - w_global||^2 to every batch loss.
+
+    A trainer for a strategy with several global models (:mod:`fedsim.multimodel`) sets
+    ``takes_several_models``: it then receives, and returns, a dict of named ArrayRecords.
     """
+
+    takes_several_models: bool = False
 
     def receive(self, model: nn.Module, arrays: ArrayRecord, state: ClientState) -> None:
         """Load the server's arrays into the model."""
@@ -161,6 +177,19 @@ class ClientTrainer:
         metrics = self.fit(model, data, config, generator, device)
         reply, state = self.send(model, state)
         return TrainResult(reply, metrics, state)
+
+    def query(
+        self,
+        model: nn.Module,
+        arrays: ArrayRecord,
+        data: ClientData,
+        config: RoundConfig,
+        state: ClientState,
+        device: torch.device,
+    ) -> QueryResult:
+        """Answer a strategy's query (``configure_query``): statistics of the client's data
+        or of the model on it. A trainer whose strategy asks overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} answers no queries; its strategy should not send any")
 
     def predict(
         self,

@@ -16,7 +16,8 @@ import gc
 
 from torch import nn
 
-from fedsim.data import ClientData, Dataset, client_view
+from fedsim.data import ClientData, Dataset
+from fedsim.data.dataset import local_split, view_samples
 from fedsim.environment import RunEnvironment
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore
@@ -40,23 +41,48 @@ class Worker:
         self.partition = Partition.load(env.run_dir / "partition.npz")
         self.state_store = ClientStateStore(env.run_dir / "client_state")
         self.trainer: ClientTrainer = trainer_class(resolve_strategy(env.experiment.strategy.name))()
-        self._views: dict[int, ClientData] = {}
+        self._views: dict[tuple[int, int], ClientData] = {}
         self._model: nn.Module | None = None
 
-    def client_data(self, client: int) -> ClientData:
-        """The client's local training and held-out data, split once per process.
+    def client_data(self, client: int, server_round: int) -> ClientData:
+        """The client's local training and held-out data in ``server_round``: its view of
+        the round's slot (a static partition has one), split once per process.
 
-        Views of a disjoint partition together hold at most one copy of the training set.
+        Views of a disjoint partition together hold at most one copy of the training set;
+        a drift stream's views of slots this worker has moved past are dropped.
         """
-        if client not in self._views:
-            seed = derive_seed(self.env.experiment.seed, "local-split", client)
-            fraction = self.env.experiment.client.local_test_fraction
-            self._views[client] = client_view(self.dataset, self.partition[client], fraction, seed)
-        return self._views[client]
+        return self.client_data_at(client, self.partition.slot_of(server_round))
+
+    def client_data_at(self, client: int, slot: int) -> ClientData:
+        """The client's data in time slot ``slot``."""
+        key = (client, slot)
+        if key not in self._views:
+            self._views[key] = self._load_view(client, slot)
+            stale = [old for old in self._views if old[0] == client and old[1] < slot - 1]
+            for old in stale:  # a method looks back one slot at most through `earlier`; more is rebuilt
+                del self._views[old]
+        return self._views[key]
+
+    def _load_view(self, client: int, slot: int) -> ClientData:
+        experiment = self.env.experiment
+        fraction = experiment.client.local_test_fraction
+        view = self.partition.view_at(client, slot)
+        if self.partition.num_slots == 1 and view.is_plain:  # as before drift streams: same seeds, same split
+            seed = derive_seed(experiment.seed, "local-split", client)
+            return local_split(*view_samples(self.dataset, view, None, (), 0), fraction, seed)
+        partition = self.partition
+        samples = view_samples(
+            self.dataset, view, partition.label_maps, partition.transform_specs, derive_seed(experiment.seed, "view")
+        )
+        seed = derive_seed(experiment.seed, "local-split", client, slot)
+        earlier = (lambda before: self.client_data_at(client, before)) if slot > 0 else None
+        return local_split(
+            *samples, fraction, seed, slot=slot, concept=view.concept, transform=view.transform, earlier=earlier
+        )
 
     def cached_clients(self) -> list[int]:
         """The clients whose data views this worker holds: those it has run."""
-        return sorted(self._views)
+        return sorted({client for client, _slot in self._views})
 
     def model(self) -> nn.Module:
         """The run's model, on the worker's device, built once and reused by every client:

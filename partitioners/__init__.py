@@ -11,9 +11,10 @@ Schemes that need more than labels say so in ``requires`` (``"domains"``,
 ``"embeddings"``, ``"groups"``). To use any of them from Flower Datasets, see :mod:`partitioners.flower`.
 """
 
-from partitioners.base import Partition, Partitioner
+from partitioners.base import ClientView, Partition, Partitioner
 from partitioners.dirichlet import Dirichlet
 from partitioners.domain import DomainMixture, DomainPerClient, LabelDomainSkew
+from partitioners.drift import DriftPartitioner, DriftStream
 from partitioners.embedders import EMBEDDERS, register_embedder
 from partitioners.embedding import EmbeddingClusters
 from partitioners.iid import IID
@@ -35,14 +36,18 @@ PARTITIONERS: dict[str, type[Partitioner]] = {
     "domain-mixture": DomainMixture,
     "domain-lds": LabelDomainSkew,
     "natural": NaturalPartitioner,
+    "drift": DriftPartitioner,
 }
 
 __all__ = [
     "EMBEDDERS",
     "PARTITIONERS",
+    "ClientView",
     "Dirichlet",
     "DomainMixture",
     "DomainPerClient",
+    "DriftPartitioner",
+    "DriftStream",
     "EmbeddingClusters",
     "IID",
     "LabelDomainSkew",

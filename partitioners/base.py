@@ -11,11 +11,37 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fedsim.atomic import write_npz
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """What one client holds in one time slot: positions into the training set, and for a
+    drift stream (:mod:`partitioners.drift`) what happens to each of those samples.
+
+    ``concepts[i]`` picks the label map that sample ``i``'s label goes through (real
+    drift: P(y|x) changes) and ``transforms[i]`` the input transform its image goes
+    through (virtual drift: P(x) changes); both index the stream's tables
+    (``label_maps``, ``transform_specs``), whose entry 0 is the identity. ``None`` means
+    every sample uses entry 0. Label drift needs neither: the indices themselves change.
+    ``concept`` and ``transform`` are the view's main ones, by which metrics are grouped.
+    """
+
+    indices: np.ndarray
+    concepts: np.ndarray | None = None
+    transforms: np.ndarray | None = None
+    concept: int = 0
+    transform: int = 0
+
+    @property
+    def is_plain(self) -> bool:
+        """No label map and no transform: the samples as the dataset holds them."""
+        return self.concepts is None and self.transforms is None
 
 
 class Partition:
@@ -58,6 +84,25 @@ class Partition:
     def __getitem__(self, client: int) -> np.ndarray:
         return self.client_indices[client]
 
+    # -- time: a static partition is a stream of one slot ---------------------------------
+    num_slots: int = 1
+    label_maps: np.ndarray | None = None  # (concepts, classes): concept c maps label y to label_maps[c, y]
+    transform_specs: tuple[str, ...] = ("identity",)  # fedsim.data.transforms specs, by transform id
+
+    def slot_of(self, server_round: int) -> int:
+        """The time slot a server round (from 1) falls in."""
+        return 0
+
+    def view(self, client: int, server_round: int) -> ClientView:
+        """What ``client`` holds in ``server_round``: the engines train and evaluate on it.
+        A static partition gives the same view in every round; a drift stream the view
+        of the round's slot."""
+        return self.view_at(client, self.slot_of(server_round))
+
+    def view_at(self, client: int, slot: int) -> ClientView:
+        """What ``client`` holds in time slot ``slot``."""
+        return ClientView(self.client_indices[client])
+
     def __len__(self) -> int:
         return self.num_clients
 
@@ -98,7 +143,12 @@ class Partition:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Partition:
-        with np.load(path) as data:
+        """A partition, or the drift stream (a Partition too) that :meth:`save` wrote."""
+        with np.load(path, allow_pickle=False) as data:
+            if "stream_format" in data.files:
+                from partitioners.drift import DriftStream
+
+                return DriftStream.from_npz(data)
             bounds = np.cumsum(data["sizes"])[:-1]
             groups = {k[len("group_") :]: data[k] for k in data.files if k.startswith("group_")}
             return cls(

@@ -22,9 +22,22 @@ STRATEGIES = LazyRegistry(
         "fedprox": "strategies.fedprox:FedProx",
         "fedbn": "strategies.fedbn:FedBN",
         "fedwon": "strategies.fedwon:FedWon",
+        "fedavg-history": "strategies.fedavg_history:FedAvgHistory",
+        "feddaa": "strategies.feddaa:FedDAA",
+        "ifca": "strategies.ifca:IFCA",
+        "oracle": "strategies.oracle:ConceptOracle",
     }
 )
-_CLASSES = {"FedAvg": "fedavg", "FedProx": "fedprox", "FedBN": "fedbn", "FedWon": "fedwon"}
+_CLASSES = {
+    "FedAvg": "fedavg",
+    "FedProx": "fedprox",
+    "FedBN": "fedbn",
+    "FedWon": "fedwon",
+    "FedAvgHistory": "fedavg-history",
+    "FedDAA": "feddaa",
+    "IFCA": "ifca",
+    "ConceptOracle": "oracle",
+}
 
 
 def __getattr__(name: str):
@@ -33,4 +46,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'strategies' has no attribute {name!r}")
 
 
-__all__ = ["STRATEGIES", "FedAvg", "FedBN", "FedProx", "FedWon"]
+__all__ = [
+    "STRATEGIES",
+    "ConceptOracle",
+    "FedAvg",
+    "FedAvgHistory",
+    "FedBN",
+    "FedDAA",
+    "FedProx",
+    "FedWon",
+    "IFCA",
+]

@@ -318,7 +318,7 @@ def test_accuracy_by_domain(tmp_path, monkeypatch):
     from fedsim.worker import worker_for
 
     worker = worker_for(RunEnvironment(experiment, tmp_path / "run"))
-    held_out = np.concatenate([worker.client_data(client).domain_test for client in range(4)])
+    held_out = np.concatenate([worker.client_data(client, 1).domain_test for client in range(4)])
     counts = np.bincount(held_out, minlength=2)
     combined = (
         counts[0] * summary["accuracy_by_domain"]["plain"] + counts[1] * summary["accuracy_by_domain"]["negative"]

@@ -15,6 +15,7 @@ from partitioners import (
     Dirichlet,
     DomainMixture,
     DomainPerClient,
+    DriftPartitioner,
     EmbeddingClusters,
     LabelDomainSkew,
     LabelMixture,
@@ -57,6 +58,8 @@ SCHEMES = {
     "domain-mixture": (lambda k: DomainMixture(max(k, 4), beta=1.0, min_size=1), False, True),
     "domain-mixture-equal": (lambda k: DomainMixture(k, beta=0.5, sizes="equal", min_size=3), True, True),
     "domain-lds": (lambda k: LabelDomainSkew(k - k % 4, beta=1.0, min_size=1), False, True),
+    # slot 0 of a stream; with 2 classes "reverse" is "shift-1", so two concepts only
+    "drift": (lambda k: DriftPartitioner(k, num_slots=3, concepts=["identity", "reverse"]), True, False),
     "natural": (lambda k: NaturalPartitioner(4), True, False),  # the natural groups are make_data's 4 domains
 }
 

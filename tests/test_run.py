@@ -181,7 +181,7 @@ def _error_reply(reason: str):
 
 def test_client_errors_become_one_line():
     from fedsim.errors import ClientFailure, UserError
-    from fedsim.serverapp import _raise_on_errors
+    from fedsim.ordered_grid import _raise_on_errors
 
     with pytest.raises(UserError) as user_error:
         _raise_on_errors([_error_reply(RAY_REASON)], {7: 3}, "round 1 (train)")

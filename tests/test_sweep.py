@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsim.sweep import processes as sweep_processes
 from fedsim.cli import main
 from fedsim.config import load_experiment
 from fedsim.errors import UserError
@@ -36,6 +35,7 @@ from fedsim.sweep import (
     split_values,
     toml_value,
 )
+from fedsim.sweep import processes as sweep_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CROSS_SILO = ROOT / "experiments" / "feature-skew" / "cross-silo.toml"
@@ -464,8 +464,8 @@ def test_set_fixes_a_key_the_sweep_table_would_vary(tmp_path):
 
 
 def test_a_sweep_grid_table_may_nest_its_keys(tmp_path):
-    config = write_config(tmp_path, '\n[sweep.grid]\nstrategy.name = ["fedavg", "fedprox"]\n')
-    assert [run.name for run in plan_runs(make_spec(config, [], None, []))] == ["fedavg-s0", "fedprox-s0"]
+    config = write_config(tmp_path, '\n[sweep.grid]\nstrategy.name = ["fedavg", "ifca"]\n')
+    assert [run.name for run in plan_runs(make_spec(config, [], None, []))] == ["fedavg-s0", "ifca-s0"]
 
 
 # --- --grid against the file's grid: a run's name is what it ran -----------------------------

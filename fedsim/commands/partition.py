@@ -15,13 +15,16 @@ examples:
   fedsim partition                                   # experiments/quickstart.toml
   fedsim partition experiments/quickstart.toml --set partition.alpha=0.1
   fedsim partition experiments/quickstart.toml --set partition.name=embedding --out /tmp/emb
+  fedsim partition experiments/drift/feddaa-mnist5k.toml   # a drift stream, drawn slot by slot
 
 Without --out the files go to runs/<name>-<hash of the resolved experiment>-partition:
-  partition.npz                 the clients' index arrays (partitioners.Partition.load)
+  partition.npz                 the clients' index arrays, or a drift stream's views (partitioners.Partition.load)
   skew.json                     per-client and summary skew measures
   plots/partition_labels.png    clients x classes heatmap
   plots/partition_clusters.png  clients x clusters, for embedding splits
   plots/partition_domains.png   clients x domains, for datasets with domains
+  plots/stream_concepts.png     clients x slots: each view's main concept, for drift streams
+  plots/stream_events.png       clients x slots: the drift (real, virtual, label) into each slot
 The partition is the one `fedsim run` trains on for the same experiment and seed.
 """
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from partitioners.base import ClientView
 
 SPLIT_SEED = 0  # the train/test split of a dataset never moves with the experiment seed
 
@@ -44,17 +49,35 @@ class Dataset:
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's data: its local training split and its local held-out split."""
+    """One client's data: its local training split and its local held-out split.
+
+    Under a drift stream (:mod:`partitioners.drift`) it is the client's data in one time
+    slot: ``slot``, and the view's main ``concept`` and ``transform`` ids; ``earlier(s)``
+    gives the same client's data in an earlier slot ``s`` (what a method that keeps
+    history, such as FedDAA, looks back at). A static partition has one slot, 0.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     domain_test: np.ndarray | None = field(default=None)
+    slot: int = 0
+    concept: int = 0
+    transform: int = 0
+    earlier: Callable[[int], ClientData] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_train(self) -> int:
         return len(self.y_train)
+
+    def at_slot(self, slot: int) -> ClientData:
+        """This client's data in ``slot`` (<= its own): itself, or what ``earlier`` gives."""
+        if slot == self.slot:
+            return self
+        if self.earlier is None or not 0 <= slot < self.slot:
+            raise ValueError(f"slot {slot} is not an earlier slot of this client's data (slot {self.slot})")
+        return self.earlier(slot)
 
 
 def stratified_split(
@@ -95,8 +118,45 @@ def client_view(dataset: Dataset, indices: np.ndarray, test_fraction: float, see
     """Split a client's training indices into its local train and held-out test data."""
     x, y = dataset.x_train[indices], dataset.y_train[indices]
     domain = None if dataset.domain_train is None else dataset.domain_train[indices]
+    return local_split(x, y, domain, test_fraction, seed)
+
+
+def view_samples(
+    dataset: Dataset,
+    view: ClientView,
+    label_maps: np.ndarray | None,
+    transform_specs: Sequence[str],
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The training samples a client view holds, as (x, y, domain): labels through each
+    sample's label map (real drift), images through each sample's transform (virtual
+    drift), drawn with ``seed`` (noise). A label map never touches an image, and a
+    transform never a label."""
+    from fedsim.data.transforms import parse_transform
+
+    x, y = dataset.x_train[view.indices], dataset.y_train[view.indices]
+    domain = None if dataset.domain_train is None else dataset.domain_train[view.indices]
+    if view.concepts is not None and label_maps is not None:
+        y = label_maps[view.concepts, y]
+    if view.transforms is not None:
+        for transform in np.unique(view.transforms):
+            spec = transform_specs[int(transform)]
+            if spec == "identity":
+                continue
+            members = np.flatnonzero(view.transforms == transform)
+            changed = parse_transform(spec)(x[members], seed=seed + int(transform))
+            if changed.shape[1:] != x.shape[1:]:
+                raise ValueError(f"transform {spec!r} changes the image shape; drift streams keep it")
+            x[members] = changed  # x is a copy: fancy indexing above
+    return x, y, domain
+
+
+def local_split(
+    x: np.ndarray, y: np.ndarray, domain: np.ndarray | None, test_fraction: float, seed: int, **slot_info: Any
+) -> ClientData:
+    """Split a client's samples into its local train and held-out test data."""
     if test_fraction <= 0 or len(y) < 2:
-        return ClientData(x, y, x[:0], y[:0], None if domain is None else domain[:0])
+        return ClientData(x, y, x[:0], y[:0], None if domain is None else domain[:0], **slot_info)
     n_test = max(1, int(round(test_fraction * len(y))))
     if n_test >= len(y):
         n_test = len(y) - 1
@@ -107,7 +167,7 @@ def client_view(dataset: Dataset, indices: np.ndarray, test_fraction: float, see
     else:
         order = np.random.default_rng(seed).permutation(len(y))
         train, test = order[n_test:], order[:n_test]
-    return ClientData(x[train], y[train], x[test], y[test], None if domain is None else domain[test])
+    return ClientData(x[train], y[train], x[test], y[test], None if domain is None else domain[test], **slot_info)
 
 
 def _stratifiable(y: np.ndarray, n_test: int) -> bool:

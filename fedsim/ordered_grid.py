@@ -1,0 +1,94 @@
+"""The server's view of the clients: which client each node is, in client-id order.
+
+Engines number nodes their own way (Flower's draws them at random); the client id is what
+data, seeds and results are keyed by, so the server asks once and then sees the grid in
+client order (:class:`OrderedGrid`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.constant import PARTITION_ID_KEY
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedsim.clientapp import CONFIG_KEY
+from fedsim.errors import ClientFailure
+from fedsim.faults import failure_line, raise_user_error
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
+    """Ask every node which client (partition id) it is: node id -> client id.
+
+    Engines number nodes their own way (Flower's draws them at random); the client id is
+    what data, seeds and results are keyed by. fedsim's own grids know the answer
+    (``partition_ids``); any other Grid is asked, one query message per node.
+    """
+    known = getattr(grid, "partition_ids", None)
+    if known is not None:
+        return known()
+    deadline = time.monotonic() + timeout_s
+    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {num_clients} simulated clients came online")
+        time.sleep(0.05)
+    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
+    replies = list(grid.send_and_receive(queries, timeout=timeout_s))
+    _raise_on_errors(replies, {}, "start-up")
+    return {reply.metadata.src_node_id: int(reply.content[CONFIG_KEY][PARTITION_ID_KEY]) for reply in replies}
+
+
+def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: str) -> None:
+    """Stop at the first client error, with the client's own message (a UserError raised
+    on a client stays one)."""
+    for reply in replies:
+        if reply.has_error():
+            raise_user_error(reply)
+            node = reply.metadata.src_node_id
+            line = failure_line(reply)
+            raise ClientFailure(
+                f"client {clients.get(node, node)} failed in {when}: {line}", details=reply.error.reason
+            )
+
+
+class OrderedGrid(Grid):
+    """A Grid seen in client-id order: nodes are listed, and replies returned, by client.
+
+    Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)`` and
+    aggregate replies in the order they come. With a fixed order here and ``random``
+    reseeded each round, every engine picks the same clients and sums in the same order.
+    """
+
+    def __init__(self, grid: Grid, clients: dict[int, int]) -> None:
+        self._grid = grid
+        self.clients = clients
+        self._nodes = sorted(clients, key=clients.__getitem__)
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if len(replies) != len(messages):
+            raise ClientFailure(f"{len(messages) - len(replies)} of {len(messages)} clients did not reply")
+        return sorted(replies, key=lambda reply: self.clients[reply.metadata.src_node_id])
