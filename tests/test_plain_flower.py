@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.nn import functional as F
 
+from fedsim import checkpoint as checkpoints
 from fedsim.data import load_dataset
 from fedsim.models import build_model
 from fedsim.models.norm import WSConv2d, batchnorm_keys
@@ -334,7 +334,7 @@ def test_batchnorm_is_recognised_by_name_as_by_the_model():
     assert batchnorm_keys_by_name(nn.BatchNorm1d(3).state_dict()) == set(nn.BatchNorm1d(3).state_dict())
 
 
-def test_fedbn_sends_the_initial_batchnorm_with_every_message_and_checkpoints_it():
+def test_fedbn_sends_the_initial_batchnorm_with_every_message_and_checkpoints_it(tmp_path):
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1  # messages outside a run
     torch.manual_seed(0)
     initial = ArrayRecord(bn_model().state_dict())
@@ -343,7 +343,11 @@ def test_fedbn_sends_the_initial_batchnorm_with_every_message_and_checkpoints_it
     first = list(strategy.configure_train(1, initial, ConfigRecord(), Nodes()))
     assert list(first[0].content["arrays"].keys()) == list(initial.keys())
     shared = ArrayRecord({key: Array(np.asarray(initial[key].numpy() + 1)) for key in initial.keys() if key not in bn})
-    restored = pickle.loads(pickle.dumps(strategy))  # fedsim's checkpoint pickles the strategy
+    # through a checkpoint on disk, as a resumed run gets it: state_dict() as arrays and JSON
+    path = tmp_path / "checkpoint.npz"
+    checkpoints.save(path, checkpoints.Checkpoint(1, initial, checkpoints.strategy_state(strategy), 0, "", 0.0))
+    restored = FedBN(min_available_nodes=2)
+    checkpoints.restore_strategy(restored, checkpoints.load(path).strategy_state, str(path))
     for later in (strategy, restored):
         for messages in (
             later.configure_train(2, shared, ConfigRecord(), Nodes()),
