@@ -464,8 +464,8 @@ def test_set_fixes_a_key_the_sweep_table_would_vary(tmp_path):
 
 
 def test_a_sweep_grid_table_may_nest_its_keys(tmp_path):
-    config = write_config(tmp_path, '\n[sweep.grid]\nstrategy.name = ["fedavg", "ifca"]\n')
-    assert [run.name for run in plan_runs(make_spec(config, [], None, []))] == ["fedavg-s0", "ifca-s0"]
+    config = write_config(tmp_path, '\n[sweep.grid]\nstrategy.name = ["fedavg", "fedbn"]\n')
+    assert [run.name for run in plan_runs(make_spec(config, [], None, []))] == ["fedavg-s0", "fedbn-s0"]
 
 
 # --- --grid against the file's grid: a run's name is what it ran -----------------------------
