@@ -26,6 +26,7 @@ import pandas as pd
 from flwr.app import ArrayRecord
 
 from fedsim import multimodel
+from fedsim.clientapp import NUM_EXAMPLES
 from fedsim.data import Dataset
 from fedsim.results import MetricRow
 from partitioners import Partition
@@ -69,7 +70,7 @@ class StreamMetrics:
         correct: dict[int, float] = {}
         seen: dict[int, float] = {}
         for client, metrics in results:
-            count = float(metrics.get("num-examples", 0))
+            count = float(metrics.get(NUM_EXAMPLES, 0))
             if count <= 0 or "accuracy" not in metrics:
                 continue
             concept = self.concept_of(client, server_round)

@@ -28,11 +28,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedsim import multimodel
+from fedsim.clientapp import NUM_EXAMPLES
 from fedsim.data import ClientData
 from fedsim.trainer import ClientState, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import predict
-
-NUM_EXAMPLES = "num-examples"
 
 
 def weight_key(index: int) -> str:
@@ -173,19 +172,28 @@ class SeveralModels(FedAvg):
             )
         return multimodel.unpack(arrays)
 
-    def _with_models(self, messages: Iterable[Message], arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+    def _with_models(self, messages: Iterable[Message], arrays: ArrayRecord, train: bool) -> list[Message]:
+        """Flower's messages, each carrying the models by name and its node's config."""
         models = self._models(arrays)
         out = []
         for message in messages:
-            content = RecordDict({**models, self.configrecord_key: message.content[self.configrecord_key]})
+            config = message.content[self.configrecord_key]
+            if train:
+                config = self.client_config(message.metadata.dst_node_id, config)
+            content = RecordDict({**models, self.configrecord_key: config})
             out.append(Message(content=content, metadata=message.metadata))
         return out
 
+    def client_config(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        """One sampled node's train config: the round's, unless a subclass adds to it
+        (FedDAA: that client's drift verdict)."""
+        return config
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self._with_models(super().configure_train(server_round, arrays, config, grid), arrays, config)
+        return self._with_models(super().configure_train(server_round, arrays, config, grid), arrays, train=True)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self._with_models(super().configure_evaluate(server_round, arrays, config, grid), arrays, config)
+        return self._with_models(super().configure_evaluate(server_round, arrays, config, grid), arrays, train=False)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -234,6 +234,7 @@ class FedDAA(SeveralModels):
         self.history_size = history_size
         self.aggregation = aggregation
         self.prototype_model = prototype_model
+        self._full = ArrayRecord()  # this round's models, active or not: aggregation replaces the active ones
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -310,17 +311,12 @@ class FedDAA(SeveralModels):
             totals = np.sum(list(self.label_counts.values()), axis=0).reshape(self.active, -1)
             totals = np.maximum(totals, 1e-8)
             config[LABEL_PRIOR] = (totals / totals.sum(axis=1, keepdims=True)).ravel().tolist()
-        messages = super().configure_train(server_round, self._active_arrays(arrays), config, grid)
-        personal = []
-        for message in messages:  # each client's own verdict for the slot
-            verdict = self.verdicts.get(str(message.metadata.dst_node_id), 0.0)
-            content = RecordDict(dict(message.content))
-            content[self.configrecord_key] = ConfigRecord(
-                {**message.content[self.configrecord_key], REAL_DRIFT: verdict}
-            )
-            personal.append(Message(content=content, metadata=message.metadata))
         self._full = arrays
-        return personal
+        return super().configure_train(server_round, self._active_arrays(arrays), config, grid)
+
+    def client_config(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        """Each client's own real-drift verdict for the slot."""
+        return ConfigRecord({**config, REAL_DRIFT: self.verdicts.get(str(node_id), 0.0)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return super().configure_evaluate(server_round, self._active_arrays(arrays), config, grid)
