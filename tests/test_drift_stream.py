@@ -319,7 +319,7 @@ def test_fedsim_partition_draws_the_stream(tmp_path, monkeypatch):
     stream = Partition.load(out / "partition.npz")
     assert isinstance(stream, DriftStream) and stream.num_slots == 4
     section = json.loads((out / "skew.json").read_text())["stream"]
-    assert section["num_slots"] == 4 and section["rounds_per_slot"] == 10
+    assert section["num_slots"] == 4 and section["rounds_per_slot"] == 40
     assert section["concepts"] == ["identity", "reverse", "shift-1", "shift-2"]
     assert section["transforms"] == ["identity", "rotate-120", "rotate-240"]
     assert section["events_per_slot"]["virtual"] == [0, 20, 20, 20]
