@@ -95,7 +95,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     def train(message: Message, context: Context) -> Message:
         worker = worker_for(environment_for(context))
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed)
         fault = config.extra.get(FAULT_KEY)  # an injected fault ([faults]) this client acts out
         act_out(fault, config.extra, None, None)
         server_round = config.server_round
@@ -126,7 +126,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     def evaluate(message: Message, context: Context) -> Message:
         worker = worker_for(environment_for(context))
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed)
         data = worker.client_data(client, config.server_round)
         state = worker.state_store.load(client, config.server_round)
         arrays = received_arrays(message.content.array_records, worker.trainer)
@@ -141,7 +141,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
             return Message(RecordDict({CONFIG_KEY: reply}), reply_to=message)
         worker = worker_for(environment_for(context))  # a strategy's query (fedsim.serverapp.Federation.query)
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client)
+        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed)
         data = worker.client_data(client, config.server_round)
         state = worker.state_store.load(client, config.server_round - 1)
         arrays = received_arrays(message.content.array_records, worker.trainer)

@@ -204,6 +204,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
     component; those the new component does not accept are dropped, not refused.
     """
     from fedsim.data import DATASETS
+    from fedsim.data.features import FEATURE_EXTRACTORS
     from fedsim.engine import ENGINES
     from fedsim.models import MODELS
     from partitioners import PARTITIONERS
@@ -211,6 +212,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
 
     try:
         dataset = lookup(DATASETS, experiment.dataset.name, "dataset").loader
+        extractor = lookup(FEATURE_EXTRACTORS, experiment.features.name, "features")
         model_cls = lookup(MODELS, experiment.model.name, "model")
         partitioner_cls = lookup(PARTITIONERS, experiment.partition.name, "partition")
         strategy_cls = resolve_strategy(experiment.strategy.name)
@@ -220,12 +222,14 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         strategy_fixed["min_available_nodes"] = None  # known only once the partition exists
         tables = {  # table: (its component, what fedsim fills in, the registry the name picks from)
             "dataset": (dataset, {}, {name: entry.loader for name, entry in DATASETS.items()}),
+            "features": (extractor, {"dataset": None}, FEATURE_EXTRACTORS),
             "model": (model_cls, {"input_shape": None, "num_classes": None}, MODELS),
             "partition": (partitioner_cls, {}, PARTITIONERS),
             "strategy": (strategy_cls, strategy_fixed, STRATEGIES),
             "engine": (engine_cls, {}, ENGINES),
         }
         data = experiment.to_dict()
+        data.setdefault("features", {"name": experiment.features.name})  # to_dict leaves raw inputs out
         data["model"].update(_required_model_options(strategy_cls, model_cls, experiment))
         for table, (component, fixed, registry) in tables.items():
             params = getattr(experiment, table).params

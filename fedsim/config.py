@@ -65,6 +65,12 @@ class DatasetTable(ComponentTable):
     name: str = "mnist5k"
 
 
+class FeaturesTable(ComponentTable):
+    """A frozen feature extractor the inputs pass through (:mod:`fedsim.data.features`)."""
+
+    name: str = "none"
+
+
 class PartitionTable(ComponentTable):
     name: str = "iid"
 
@@ -157,6 +163,7 @@ class Experiment(_Table):
     checkpoint_every: int = Field(1, ge=1)  # rounds between checkpoints, and always after the last
     description: str = ""
     dataset: DatasetTable = DatasetTable()
+    features: FeaturesTable = FeaturesTable()
     partition: PartitionTable = PartitionTable()
     model: ModelTable = ModelTable()
     client: ClientTable = ClientTable()
@@ -174,8 +181,14 @@ class Experiment(_Table):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict, component parameters inline and unset values left out, as in TOML."""
-        return _drop_none(self.model_dump(mode="json"))
+        """Plain nested dict, component parameters inline and unset values left out, as in TOML.
+
+        Raw inputs (no ``[features]``) leave the table out, so experiments written before
+        it existed keep their fingerprints and their runs stay resumable."""
+        data = _drop_none(self.model_dump(mode="json"))
+        if data.get("features") == {"name": "none"}:
+            del data["features"]
+        return data
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())

@@ -20,6 +20,14 @@ from fedsim.models import build_model
 from fedsim.training import resolve_device
 
 
+def experiment_dataset(experiment: Experiment) -> Dataset:
+    """The experiment's dataset, through its ``[features]`` extractor when it names one."""
+    from fedsim.data.features import with_features
+
+    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
+    return with_features(dataset, experiment.features.name, **experiment.features.params)
+
+
 @dataclass(frozen=True)
 class RunEnvironment:
     experiment: Experiment
@@ -45,7 +53,7 @@ class RunEnvironment:
         return resolve_device(self.device, fall_back_to_cpu=server)
 
     def dataset(self) -> Dataset:
-        return load_dataset(self.experiment.dataset.name, **self.experiment.dataset.params)
+        return experiment_dataset(self.experiment)
 
     def new_model(self) -> torch.nn.Module:
         dataset = self.dataset()

@@ -75,7 +75,7 @@ def client_app(
     @app.train()
     def train(message: Message, context: Context) -> Message:
         client = client_id(context)
-        config = _round_config(message, client)
+        config = _round_config(message, client, seed)
         torch_device = resolve_device(device)
         train_seed = derive_seed(seed, "train", config.server_round, client)
         seed_torch_globally(train_seed, torch_device)  # dropout and any other global-RNG draw
@@ -99,7 +99,7 @@ def client_app(
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         client = client_id(context)
-        config = _round_config(message, client)
+        config = _round_config(message, client, seed)
         data = _client_data(data_fn(context))
         arrays = only(message.content.array_records, "ArrayRecord")
         logits = trainer.predict(model_fn(), arrays, data, config, _load_state(context), resolve_device(device))
@@ -109,9 +109,9 @@ def client_app(
     return app
 
 
-def _round_config(message: Message, client: int) -> RoundConfig:
+def _round_config(message: Message, client: int, seed: int) -> RoundConfig:
     records = message.content.config_records
-    return RoundConfig.from_config(only(records, "ConfigRecord") if records else ConfigRecord(), client)
+    return RoundConfig.from_config(only(records, "ConfigRecord") if records else ConfigRecord(), client, seed)
 
 
 def _load_state(context: Context) -> ClientState:

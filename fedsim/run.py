@@ -20,8 +20,7 @@ from fedsim.checkpoint import Checkpoint
 from fedsim.clientapp import make_client_app
 from fedsim.components import check_model, make_engine
 from fedsim.config import Experiment
-from fedsim.data import load_dataset
-from fedsim.environment import RunEnvironment
+from fedsim.environment import RunEnvironment, experiment_dataset
 from fedsim.errors import UserError
 from fedsim.flower_log import quiet_flower
 from fedsim.results import RunDirectory
@@ -83,7 +82,7 @@ def prepare_run(
         checkpoint = run.load_checkpoint(experiment)
         ClientStateStore(run.client_state).discard_after(checkpoint.round)
         return PreparedRun(run, status, load_partition(run), checkpoint, started)
-    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
+    dataset = experiment_dataset(experiment)
     check_model(experiment, dataset.input_shape, dataset.num_classes)
     partition = split_dataset(experiment, dataset)
     run.start(experiment)

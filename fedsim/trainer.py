@@ -39,11 +39,14 @@ class RoundConfig:
     strategy may change it per round) and Flower injects ``server-round``. Anything else a
     strategy sends (FedProx's ``proximal-mu``, a method's own keys) is in ``extra``. The
     ClientApp adds ``client``, the id of the client that received it, so that a trainer
-    knows who and when it is (attacks, faults and drift need both).
+    knows who and when it is (attacks, faults and drift need both), and ``seed``, the
+    experiment's seed, for draws a client makes once and reuses across rounds (GGEUR's
+    generated embeddings).
     """
 
     server_round: int = 0
     client: int | None = None  # who trains: set by the ClientApp, never sent
+    seed: int = 0  # the experiment's seed: set by the ClientApp, never sent
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
@@ -58,17 +61,18 @@ class RoundConfig:
 
     def to_config(self) -> ConfigRecord:
         """The local-training settings as ConfigRecord entries (``server-round`` is Flower's)."""
-        local = ("server_round", "client", "extra")
+        local = ("server_round", "client", "seed", "extra")
         settings = {key.replace("_", "-"): value for key, value in vars(self).items() if key not in local}
         return ConfigRecord({**settings, **self.extra})
 
     @classmethod
-    def from_config(cls, config: ConfigRecord, client: int | None = None) -> RoundConfig:
-        """Read a round's ConfigRecord, as received by ``client``."""
-        fields = {name.replace("_", "-"): name for name in cls.__dataclass_fields__ if name not in ("extra", "client")}
+    def from_config(cls, config: ConfigRecord, client: int | None = None, seed: int = 0) -> RoundConfig:
+        """Read a round's ConfigRecord, as received by ``client`` in an experiment with ``seed``."""
+        local = ("extra", "client", "seed")
+        fields = {name.replace("_", "-"): name for name in cls.__dataclass_fields__ if name not in local}
         known = {fields[key]: value for key, value in config.items() if key in fields}
         extra = {key: value for key, value in config.items() if key not in fields}
-        return cls(**known, client=client, extra=extra)
+        return cls(**known, client=client, seed=seed, extra=extra)
 
 
 @dataclass

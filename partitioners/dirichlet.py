@@ -39,6 +39,9 @@ class Dirichlet(Partitioner):
         How many whole draws to try before declaring ``min_size`` unreachable.
     balance : bool
         Equal client sizes instead of the sizes the draw happens to give.
+    min_per_class : int
+        Samples of every class each client receives before the draw spreads the rest (the
+        GGEUR authors' CIFAR partition gives 1, so that every client holds every class).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class Dirichlet(Partitioner):
         min_size: int = 10,
         max_draws: int = 1000,
         balance: bool = False,
+        min_per_class: int = 0,
     ) -> None:
         super().__init__(num_clients)
         check_positive("alpha", alpha)
@@ -57,12 +61,22 @@ class Dirichlet(Partitioner):
         self.min_size = min_size
         self.max_draws = max_draws
         self.balance = bool(balance)
+        check_integer("min_per_class", min_per_class, minimum=0)
+        if min_per_class and balance:
+            raise ValueError("min_per_class > 0 cannot be combined with balance = true; choose one")
+        self.min_per_class = min_per_class
 
     def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)
         check_min_size(self.min_size, self.num_clients, len(y))
         rng = np.random.default_rng(seed)
         class_sizes = np.bincount(y)
+        reserved = self.min_per_class * self.num_clients
+        if reserved and class_sizes.min() < reserved:
+            raise ValueError(
+                f"min_per_class={self.min_per_class} needs {reserved} samples of every class for {self.num_clients} "
+                f"clients, but the smallest class has {class_sizes.min()}; lower min_per_class or use fewer clients"
+            )
         if self.balance:
             mixes = rng.dirichlet(np.full(self.num_clients, self.alpha), size=len(class_sizes)) * class_sizes[:, None]
             counts = fill_quotas(class_sizes, equal_sizes(len(y), self.num_clients), mixes.T, rng)
@@ -73,8 +87,12 @@ class Dirichlet(Partitioner):
     def _draw_counts(self, rng: np.random.Generator, class_sizes: np.ndarray) -> np.ndarray:
         """Classes x clients sample counts, redrawn until min_size holds."""
         concentration = np.full(self.num_clients, self.alpha)
+        floor = self.min_per_class
         for _ in range(self.max_draws):
-            counts = cut_counts(rng.dirichlet(concentration, size=len(class_sizes)), class_sizes)
+            spread = cut_counts(
+                rng.dirichlet(concentration, size=len(class_sizes)), class_sizes - floor * self.num_clients
+            )
+            counts = spread + floor
             if counts.sum(axis=0).min() >= self.min_size:
                 return counts
         raise ValueError(

@@ -135,10 +135,8 @@ def model_embeddings(
     place of their fine-tuned CLIP. The public samples' rows are NaN, so no client
     receives them: the partition then covers the other ``1 - public_fraction``.
     """
-    import torch
-    from sklearn.model_selection import train_test_split
-
-    from fedsim.models import MODELS, build_model
+    from fedsim.data.features import extract, pretrain_on_public_split
+    from fedsim.models import MODELS
 
     check_fraction("embedder_options.public_fraction", public_fraction)
     check_integer("embedder_options.epochs", epochs, minimum=1)
@@ -146,29 +144,10 @@ def model_embeddings(
     check_positive("embedder_options.lr", lr)
     if model not in MODELS:
         raise ValueError(f"embedder_options.model = {model!r} is not a model (choose from: {', '.join(MODELS)})")
-    _, counts = np.unique(y, return_counts=True)
-    num_public = min(int(np.ceil(public_fraction * len(y))), len(y) - 1)
-    stratifiable = counts.min() >= 2 and len(counts) <= min(num_public, len(y) - num_public)
-    public = train_test_split(
-        np.arange(len(y)), test_size=num_public, random_state=seed, stratify=y if stratifiable else None
-    )[1]
-    rng = np.random.default_rng(seed)
-    inputs, targets = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
-    with torch.random.fork_rng():  # seeded, and leaves the caller's torch generator alone
-        torch.manual_seed(seed)
-        net = build_model(model, x.shape[1:], int(y.max()) + 1)
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        net.train()
-        for _ in range(epochs):
-            order = rng.permutation(public)
-            for start in range(0, len(order), batch_size):
-                batch = torch.from_numpy(order[start : start + batch_size])
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(net(inputs[batch]), targets[batch]).backward()
-                optimizer.step()
-        net.eval()
-        with torch.no_grad():
-            embeddings = torch.cat([net.features(chunk) for chunk in torch.split(inputs, 1024)]).numpy()
+    net, public = pretrain_on_public_split(
+        x, y, model=model, public_fraction=public_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
+    embeddings = extract(net, x)
     embeddings[public] = np.nan
     return embeddings
 

@@ -26,6 +26,7 @@ STRATEGIES = LazyRegistry(
         "feddaa": "strategies.feddaa:FedDAA",
         "ifca": "strategies.ifca:IFCA",
         "oracle": "strategies.oracle:ConceptOracle",
+        "ggeur": "strategies.ggeur:GGEUR",
     }
 )
 _CLASSES = {
@@ -37,6 +38,7 @@ _CLASSES = {
     "FedDAA": "feddaa",
     "IFCA": "ifca",
     "ConceptOracle": "oracle",
+    "GGEUR": "ggeur",
 }
 
 
@@ -55,5 +57,6 @@ __all__ = [
     "FedDAA",
     "FedProx",
     "FedWon",
+    "GGEUR",
     "IFCA",
 ]

@@ -39,7 +39,7 @@ def default_out(experiment) -> Path:
 
 def execute(args: argparse.Namespace) -> int:
     from fedsim.config import load_experiment
-    from fedsim.data import load_dataset
+    from fedsim.environment import experiment_dataset
     from fedsim.splitting import describe_partition, split_dataset
 
     if args.out is not None and not args.out.strip():
@@ -50,7 +50,7 @@ def execute(args: argparse.Namespace) -> int:
         raise UserError(f"--out {str(out)!r} is a file, not a folder")
     if (out / "config.toml").exists():  # a run directory: its partition.npz is what it trains on
         raise UserError(f"--out {str(out)!r} is a run directory; write the partition to another folder")
-    dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
+    dataset = experiment_dataset(experiment)
     partition = split_dataset(experiment, dataset)
 
     make_folder(out, "--out")

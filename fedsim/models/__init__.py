@@ -12,10 +12,11 @@ from typing import Any
 from torch import nn
 
 from fedsim.models.domain import AlexNet, DigitCNN, ResNet
-from fedsim.models.small import MLP, LeNet
+from fedsim.models.small import MLP, LeNet, Linear
 from fedsim.registry import build, lookup
 
 MODELS: dict[str, type[nn.Module]] = {
+    "linear": Linear,
     "mlp": MLP,
     "lenet": LeNet,
     "digitcnn": DigitCNN,
@@ -30,4 +31,4 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **opt
     return build(model_cls, options, "[model]", input_shape=tuple(input_shape), num_classes=num_classes)
 
 
-__all__ = ["MODELS", "build_model", "AlexNet", "DigitCNN", "LeNet", "MLP", "ResNet"]
+__all__ = ["MODELS", "build_model", "AlexNet", "DigitCNN", "LeNet", "Linear", "MLP", "ResNet"]

@@ -13,6 +13,19 @@ Width = Annotated[int, Field(ge=1)]
 """A layer's width (units or channels): at least 1, as PyTorch cannot build an empty layer."""
 
 
+class Linear(nn.Module):
+    """A linear classifier on flat inputs: the head alone, for features a frozen extractor
+    made (``[features]``; GGEUR's classifier and its linear-probe baselines)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Flatten()
+        self.head = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 class MLP(nn.Module):
     """A multilayer perceptron on flattened inputs."""
 
