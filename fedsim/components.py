@@ -78,6 +78,7 @@ def _strategy_defaults(experiment: Experiment, num_clients: int) -> dict[str, An
     least one client per round (Flower's default minimum of 2 would break 1-client runs).
     """
     defaults: dict[str, Any] = {
+        "total_rounds": experiment.rounds,  # a method that schedules by the run's length (FRAug's T)
         "min_available_nodes": num_clients,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,

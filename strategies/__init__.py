@@ -27,6 +27,7 @@ STRATEGIES = LazyRegistry(
         "ifca": "strategies.ifca:IFCA",
         "oracle": "strategies.oracle:ConceptOracle",
         "ggeur": "strategies.ggeur:GGEUR",
+        "fraug": "strategies.fraug:FRAug",
     }
 )
 _CLASSES = {
@@ -39,6 +40,7 @@ _CLASSES = {
     "IFCA": "ifca",
     "ConceptOracle": "oracle",
     "GGEUR": "ggeur",
+    "FRAug": "fraug",
 }
 
 
@@ -57,6 +59,7 @@ __all__ = [
     "FedDAA",
     "FedProx",
     "FedWon",
+    "FRAug",
     "GGEUR",
     "IFCA",
 ]
