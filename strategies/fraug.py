@@ -377,6 +377,11 @@ class FRAug(FedBN):
         return super().with_initial_batchnorm(arrays)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if not any(key.startswith(GENERATOR) for key in arrays.keys()):
+            raise ValueError(
+                f"FRAug: the global arrays have no generator ('{GENERATOR}*'); start from "
+                "FRAug.initial_arrays(new_model), which adds it to the model's arrays"
+            )
         for key, value in self.settings.to_config().items():
             config[key] = value
         return super().configure_train(server_round, arrays, config, grid)

@@ -336,6 +336,11 @@ class GGEUR(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if not self.shape:
+            raise ValueError(
+                "GGEUR: no class geometry to send; its statistics round must run first (fedsim runs "
+                "configure_query/aggregate_query before training; a Flower app of your own must too)"
+            )
         config = ConfigRecord({**config, **{f"ggeur-{k}": v for k, v in vars(self.generation).items()}})
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu

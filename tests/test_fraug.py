@@ -305,3 +305,11 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, monkeypatch):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_fraug_refuses_global_arrays_without_its_generator():
+    from flwr.app import ConfigRecord
+
+    model = build_model("digitcnn", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="FRAug.initial_arrays"):
+        FRAug(total_rounds=2).configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), None)

@@ -245,3 +245,10 @@ def test_ggeur_on_ray_gives_the_in_process_bits(tmp_path):
     run_experiment(ggeur_experiment(), tmp_path / "local")
     run_experiment(ggeur_experiment("engine.name=ray", "engine.num_workers=2"), tmp_path / "ray")
     assert (tmp_path / "ray/metrics.csv").read_bytes() == (tmp_path / "local/metrics.csv").read_bytes()
+
+
+def test_ggeur_refuses_to_train_before_its_statistics_round():
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    with pytest.raises(ValueError, match="statistics round must run first"):
+        GGEUR().configure_train(1, ArrayRecord({"head.bias": Array(np.zeros(2))}), ConfigRecord(), None)
