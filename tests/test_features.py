@@ -93,6 +93,17 @@ def test_a_linear_model_is_the_head_on_flat_features():
     assert model(torch.zeros(2, 84)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("model", ["lenet", "digitcnn", "resnet", "alexnet"])
+def test_an_image_model_on_flat_features_says_which_model_to_use(model, tmp_path):
+    from fedsim.run import run_experiment
+
+    experiment = tiny_experiment("features.name=model", "features.epochs=1", f"model.name={model}")
+    with pytest.raises(
+        UserError, match=rf"\[model\] '{model}' takes images .* shape \(84,\); use name = 'mlp' or 'linear'"
+    ):
+        run_experiment(experiment, tmp_path / "run")
+
+
 def test_dirichlet_min_per_class_gives_every_client_every_class():
     y = np.repeat(np.arange(10), 60)
     split = PARTITIONERS["dirichlet"](num_clients=10, alpha=0.05, min_per_class=2).split(y, seed=0)

@@ -247,7 +247,8 @@ def _assert_batchnorm_stayed_local(strategy, result) -> None:
         for b in range(a + 1, NUM_CLIENTS):
             assert not np.allclose(means[a], means[b], rtol=0.05), (a, b)
     for client in range(NUM_CLIENTS):
-        assert first[client]["bn-batches"] > 0
+        # -1: the client's round-1 context.state had no BatchNorm (seen once in CI on Ray)
+        assert first[client]["bn-batches"] > 0, (client, {c: m["bn-batches"] for c, m in first.items()})
         assert second[client]["bn-batches"] == 2 * first[client]["bn-batches"]
 
 

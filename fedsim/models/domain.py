@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from fedsim.models.norm import Norm, conv2d, norm1d, norm2d
+from fedsim.models.small import image_shape
 
 
 class DigitCNN(nn.Module):
@@ -24,7 +25,7 @@ class DigitCNN(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, norm: Norm = "bn") -> None:
         super().__init__()
-        channels, height, width = input_shape
+        channels, height, width = image_shape("digitcnn", input_shape)
 
         def block(c_in: int, c_out: int, pool: bool) -> list[nn.Module]:
             layers = [conv2d(norm, c_in, c_out, 5, padding=2), norm2d(norm, c_out), nn.ReLU()]
@@ -101,7 +102,7 @@ class ResNet(nn.Module):
         super().__init__()
         widths = (width, 2 * width, 4 * width)
         layers: list[nn.Module] = [
-            conv2d(norm, input_shape[0], width, 3, padding=1, bias=norm == "none"),
+            conv2d(norm, image_shape("resnet", input_shape)[0], width, 3, padding=1, bias=norm == "none"),
             norm2d(norm, width),
             nn.ReLU(),
         ]
@@ -133,7 +134,7 @@ class AlexNet(nn.Module):
             return layers + [nn.MaxPool2d(3, 2)] if pool else layers
 
         self.features = nn.Sequential(
-            *block(input_shape[0], 64, 11, pool=True, stride=4, padding=2),
+            *block(image_shape("alexnet", input_shape)[0], 64, 11, pool=True, stride=4, padding=2),
             *block(64, 192, 5, pool=True, padding=2),
             *block(192, 384, 3, pool=False, padding=1),
             *block(384, 256, 3, pool=False, padding=1),

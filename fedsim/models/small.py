@@ -13,6 +13,16 @@ Width = Annotated[int, Field(ge=1)]
 """A layer's width (units or channels): at least 1, as PyTorch cannot build an empty layer."""
 
 
+def image_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(channels, height, width) of image inputs, or a ValueError that names the fix."""
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"{model!r} takes images (channels, height, width), but the inputs have shape {tuple(input_shape)}; "
+            "use name = 'mlp' or 'linear' for flat inputs such as [features]"
+        )
+    return input_shape
+
+
 class Linear(nn.Module):
     """A linear classifier on flat inputs: the head alone, for features a frozen extractor
     made (``[features]``; GGEUR's classifier and its linear-probe baselines)."""
@@ -57,7 +67,7 @@ class LeNet(nn.Module):
         hidden: tuple[Width, Width] = (120, 84),
     ) -> None:
         super().__init__()
-        in_channels, height, width = input_shape
+        in_channels, height, width = image_shape("lenet", input_shape)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, channels[0], 5, padding=2),
             nn.ReLU(),
