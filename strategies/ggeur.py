@@ -37,8 +37,8 @@ Where fedsim departs from that code, and why:
 - the code's single-domain covariance uses only the largest holders of a class, up to 80%
   of it: ``covariance_share = 0.8`` does that (default 1.0, all clients, as in the paper);
 - the code's multi-domain scripts scale ``eigh``'s first ten eigenvalues by linspace(5,
-  1), and ``eigh`` sorts ascending, so those are the ten *smallest*; the paper augments
-  along the class's principal directions, which are the *largest*.
+  1), and ``eigh`` sorts ascending, so those are the ten *smallest*; the paper describes
+  augmenting along the class's global principal directions, which are the *largest*.
   ``scale_eigenvalues = "largest"`` follows the text, ``"smallest"`` the code, and
   ``"none"`` (default) scales nothing, as the single-domain code does.
 """
