@@ -252,3 +252,24 @@ def test_ggeur_refuses_to_train_before_its_statistics_round():
 
     with pytest.raises(ValueError, match="statistics round must run first"):
         GGEUR().configure_train(1, ArrayRecord({"head.bias": Array(np.zeros(2))}), ConfigRecord(), None)
+
+
+class _TwoNodes:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.1])
+def test_ggeur_combines_with_fedprox(mu):
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1  # as a ServerApp has them
+    strategy = GGEUR(proximal_mu=mu)
+    strategy.load_state_dict({"shape": ArrayRecord({EIGENVALUES: Array(np.ones((2, 3), np.float32))})})
+    messages = list(
+        strategy.configure_train(1, ArrayRecord({"head.bias": Array(np.zeros(2))}), ConfigRecord(), _TwoNodes())
+    )
+    config = messages[0].content["config"]
+    assert config.get("proximal-mu") == (mu if mu else None)
+    assert EIGENVALUES in messages[0].content["arrays"], "the geometry travels with the head"
