@@ -1,0 +1,116 @@
+"""FLTrust (Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
+Bootstrapping", NDSS 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from strategies.defences.base import Aggregate, Defence, Updates, check
+
+RootUpdate = Callable[[ArrayRecord, int], ArrayRecord]
+"""(global arrays, server round) -> the arrays after training a copy of the global model
+on the server's root set."""
+
+
+class FLTrust(Defence):
+    """FLTrust (Cao et al., NDSS 2021): trust each update by its agreement with the server's.
+
+    The server trains a copy of the global model on a small clean root set
+    (``root_update``) to get its own update g0. Client i's trust score is
+    TS_i = ReLU(cos(g_i, g0)); its update is rescaled to ||g0||; the aggregate is
+    sum_i TS_i * (||g0|| / ||g_i||) g_i / sum_i TS_i. A client with TS_i = 0 is rejected;
+    when every score is 0 the global model stays as it was. ``root_update`` has no
+    default: build one with :func:`root_trainer` (the paper's root set is 100 examples,
+    trained with the clients' learning rate and local iterations). ``last_trust`` holds the
+    last round's scores by node id.
+    """
+
+    name = "fltrust"
+    needs = ("root_update",)
+
+    def __init__(self, strategy: Strategy, *, root_update: RootUpdate, **kwargs) -> None:
+        super().__init__(strategy, **kwargs)
+        check(
+            callable(root_update),
+            "root_update must be a callable (global arrays, server round) -> arrays trained on the root set; "
+            "strategies.defences.fltrust.root_trainer builds one",
+        )
+        self.root_update = root_update
+        self.last_trust: dict[int, float] = {}
+
+    def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:
+        server = updates.vector_of(self.root_update(self.global_arrays, server_round)) - updates.global_vector
+        server_norm = float(np.linalg.norm(server))
+        norms = np.linalg.norm(updates.vectors, axis=1)
+        usable = (norms > 0) & (server_norm > 0)
+        safe = np.where(usable, norms, 1.0)
+        cosine = np.where(usable, updates.vectors @ server / (safe * (server_norm or 1.0)), 0.0)
+        trust = np.maximum(cosine, 0.0)
+        self.last_trust = {node: float(score) for node, score in zip(updates.node_ids, trust, strict=True)}
+        if trust.sum() <= 0:
+            return Aggregate(np.zeros(updates.vectors.shape[1]), [])
+        rescaled = updates.vectors * np.where(usable, server_norm / safe, 0.0)[:, None]
+        return Aggregate(trust @ rescaled / trust.sum(), [int(i) for i in np.flatnonzero(trust > 0)])
+
+
+def root_trainer(
+    model_fn: Callable[[], Any],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    lr: float = 0.01,
+    epochs: int = 1,
+    batch_size: int = 32,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> RootUpdate:
+    """A :data:`RootUpdate`: SGD with cross-entropy on the root set (``x``, ``y``) from the
+    global arrays, ``epochs`` passes in shuffled batches. ``model_fn()`` builds a fresh
+    torch model; keys the global arrays lack (FedBN's BatchNorm) keep its initial values.
+    Shuffling and any dropout are seeded by (``seed``, round) without touching torch's
+    global generator."""
+    import torch
+    from torch.nn import functional as F
+
+    from fedsim.seeding import derive_seed, torch_generator
+    from fedsim.training import batches
+
+    check(callable(model_fn), f"model_fn must be callable, got {type(model_fn).__name__}")
+    check(len(x) == len(y), f"x and y must have the same length, got {len(x)} and {len(y)}")
+    check(len(y) >= 1, "the root set (x, y) must hold at least one example")
+    check(isinstance(lr, (int, float)) and lr > 0, f"lr must be > 0, got {lr!r}")
+    check(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
+    check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check(isinstance(momentum, (int, float)) and 0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum!r}")
+    check(
+        isinstance(weight_decay, (int, float)) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}"
+    )
+    x_root = torch.as_tensor(np.asarray(x, np.float32))
+    y_root = torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+    def train(arrays: ArrayRecord, server_round: int) -> ArrayRecord:
+        round_seed = derive_seed(seed, "fltrust-root", server_round)
+        where = torch.device(device)
+        with torch.random.fork_rng(devices=[where.index or 0] if where.type == "cuda" else []):
+            torch.manual_seed(round_seed)
+            model = model_fn()
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+            model.to(where).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+            generator = torch_generator(round_seed)
+            xs, ys = x_root.to(where), y_root.to(where)
+            for _ in range(epochs):
+                for xb, yb in batches(xs, ys, batch_size, generator):
+                    optimizer.zero_grad()
+                    F.cross_entropy(model(xb), yb).backward()
+                    optimizer.step()
+        return ArrayRecord({key: value.detach().cpu() for key, value in model.state_dict().items()})
+
+    return train

@@ -1,0 +1,76 @@
+"""The robust learning rate (Ozdayi, Kantarcioglu and Gel, "Defending against Backdoors in
+Federated Learning with Robust Learning Rate", AAAI 2021)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from strategies.defences.base import Aggregate, Defence, Updates, check, mean_update
+
+
+class RLR(Defence):
+    """Robust learning rate (Ozdayi et al., AAAI 2021): per coordinate, the server's
+    learning rate is +server_lr where |sum_i sign(u_i)| >= threshold, else -server_lr.
+
+    The FedAvg mean of the updates (weighted by examples) is multiplied, coordinate by
+    coordinate, by that learning rate: where too few clients agree on the sign, the step is
+    reversed. Defaults ``threshold = 4`` (the authors' setting for 10 clients a round on
+    Fashion-MNIST; 8 of 40 on CIFAR-10) and ``server_lr = 1``. Every client is accepted;
+    BatchNorm statistics are averaged, never reversed.
+
+    A threshold above the number of clients would reverse every coordinate: sampling fewer
+    clients than ``threshold`` is refused, and a round with fewer useful replies (clients
+    failed) accepts none and keeps the global model.
+    """
+
+    name = "rlr"
+
+    def __init__(self, strategy: Strategy, *, threshold: int = 4, server_lr: float = 1.0, **kwargs) -> None:
+        super().__init__(strategy, **kwargs)
+        check(
+            isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 1,
+            f"threshold must be an integer >= 1, got {threshold!r}",
+        )
+        check(
+            isinstance(server_lr, (int, float)) and math.isfinite(server_lr) and server_lr > 0,
+            f"server_lr must be a finite number > 0, got {server_lr!r}",
+        )
+        self.threshold = threshold
+        self.server_lr = float(server_lr)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if messages and len(messages) < self.threshold:
+            raise ValueError(
+                f"RLR: threshold = {self.threshold} exceeds the {len(messages)} clients sampled in round "
+                f"{server_round}, so every coordinate's learning rate would be negative; lower threshold "
+                "or sample more clients"
+            )
+        return messages
+
+    def learning_rates(self, vectors: np.ndarray) -> np.ndarray:
+        agreement = np.abs(np.sign(vectors).sum(axis=0))
+        return np.where(agreement >= self.threshold, self.server_lr, -self.server_lr)
+
+    def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:
+        if len(updates) < self.threshold:
+            log(
+                WARNING,
+                "RLR: %d useful replies in round %d, fewer than threshold = %d; the global model is kept",
+                len(updates),
+                server_round,
+                self.threshold,
+            )
+            return Aggregate(np.zeros(updates.vectors.shape[1]), [])
+        update = self.learning_rates(updates.vectors) * mean_update(updates.vectors, updates.weights)
+        return Aggregate(update, list(range(len(updates))))
