@@ -27,6 +27,8 @@ from fedsim.registry import (
 from fedsim.trainer import ClientTrainer
 
 STRATEGY_PLUGINS = "fedsim.strategies"
+DEFENCE, DEFENCE_OPTIONS = "defence", "defence_options"  # [strategy] keys fedsim reads, not the strategy
+ROOT_SET_SIZE = 100  # FLTrust's root set: the paper's 100 examples, drawn from the training data
 
 
 def make_partitioner(experiment: Experiment):
@@ -88,11 +90,87 @@ def _strategy_defaults(experiment: Experiment, num_clients: int) -> dict[str, An
     return defaults
 
 
-def make_strategy(experiment: Experiment, num_clients: int, *, clients_known: bool = True) -> Strategy:
-    """Build the experiment's strategy for ``num_clients`` clients. ``clients_known = False``
+def strategy_params(experiment: Experiment) -> dict[str, Any]:
+    """The ``[strategy]`` keys that go to the strategy class: all but the defence's."""
+    return {key: value for key, value in experiment.strategy.params.items() if key not in (DEFENCE, DEFENCE_OPTIONS)}
+
+
+def defence_of(experiment: Experiment) -> tuple[type | None, dict[str, Any]]:
+    """The defence class that ``[strategy] defence`` names (None without one) and its options."""
+    from strategies.defences import DEFENCES
+
+    params = experiment.strategy.params
+    name, options = params.get(DEFENCE), params.get(DEFENCE_OPTIONS, {})
+    if name is None:
+        if DEFENCE_OPTIONS in params:
+            raise UserError("[strategy] defence_options is set but no defence; add defence = 'flame' (or another)")
+        return None, {}
+    if not isinstance(name, str):
+        raise UserError(f"[strategy] defence = {name!r} must be a name (choose from: {', '.join(DEFENCES)})")
+    if name not in DEFENCES:
+        raise UserError(
+            f"[strategy] defence = {name!r} is not a known defence{did_you_mean(name, DEFENCES)} "
+            f"(choose from: {', '.join(DEFENCES)})"
+        )
+    if not isinstance(options, dict):
+        raise UserError(f"[strategy] defence_options must be a table, e.g. defence_options = {{}}, got {options!r}")
+    return DEFENCES[name], dict(options)
+
+
+def make_defence(experiment: Experiment, strategy: Strategy, env=None) -> Strategy:
+    """``strategy`` wrapped in the experiment's defence, if it names one. What a defence
+    needs from the server (FLTrust's root set, DeepSight's model) comes from ``env``, the
+    run's environment; without it (validation before the data exists) only the options
+    are checked and the strategy comes back unwrapped."""
+    from strategies.defences.base import defended
+
+    defence_cls, options = defence_of(experiment)
+    if defence_cls is None:
+        return strategy
+    where = "[strategy] defence_options"
+    fixed: dict[str, Any] = {"strategy": strategy, "seed": experiment.seed}
+    if env is None:
+        validate_parameters(defence_cls, options, where, reserved=[*fixed, *defence_cls.needs])
+        return strategy
+    fixed.update(_defence_needs(experiment, defence_cls, env))
+    return build(defended(type(strategy), defence_cls), options, where, **fixed)
+
+
+def _defence_needs(experiment: Experiment, defence_cls: type, env) -> dict[str, Any]:
+    import numpy as np
+
+    needs: dict[str, Any] = {}
+    if "model_fn" in defence_cls.needs:
+        needs["model_fn"] = env.new_model
+    if "input_shape" in defence_cls.needs:
+        needs["input_shape"] = env.dataset().input_shape
+    if "root_update" in defence_cls.needs:
+        from fedsim.seeding import derive_seed
+        from strategies.defences.fltrust import root_trainer
+
+        dataset, client = env.dataset(), experiment.client
+        rng = np.random.default_rng(derive_seed(experiment.seed, "root-set"))
+        root = rng.choice(len(dataset.y_train), min(ROOT_SET_SIZE, len(dataset.y_train)), replace=False)
+        needs["root_update"] = root_trainer(
+            env.new_model,
+            dataset.x_train[root],
+            dataset.y_train[root],
+            lr=client.lr,
+            epochs=client.local_epochs,
+            batch_size=client.batch_size,
+            momentum=client.momentum,
+            weight_decay=client.weight_decay,
+            seed=experiment.seed,
+        )
+    return needs
+
+
+def make_strategy(experiment: Experiment, num_clients: int, *, clients_known: bool = True, env=None) -> Strategy:
+    """Build the experiment's strategy for ``num_clients`` clients, wrapped in its defence
+    (:func:`make_defence`, which needs the run's ``env``). ``clients_known = False``
     (validation before the partition exists) skips the checks that need the real number."""
     strategy_cls = resolve_strategy(experiment.strategy.name)
-    params = experiment.strategy.params
+    params = strategy_params(experiment)
     if experiment.client.local_test_fraction == 0 and params.get("fraction_evaluate", 0) > 0:
         raise UserError(
             "[strategy] fraction_evaluate > 0 needs held-out client data; "
@@ -118,7 +196,7 @@ def make_strategy(experiment: Experiment, num_clients: int, *, clients_known: bo
             ) from None
     if clients_known:
         check_sampling(strategy, num_clients)
-    return strategy
+    return make_defence(experiment, strategy, env)
 
 
 def check_sampling(strategy: Strategy, num_clients: int) -> None:
@@ -233,8 +311,13 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         data.setdefault("features", {"name": experiment.features.name})  # to_dict leaves raw inputs out
         data["model"].update(_required_model_options(strategy_cls, model_cls, experiment))
         for table, (component, fixed, registry) in tables.items():
-            params = getattr(experiment, table).params
-            stale = {key for key in (inherited or {}).get(table, ()) if key not in accepted_parameters(component)}
+            params = strategy_params(experiment) if table == "strategy" else getattr(experiment, table).params
+            kept = (DEFENCE, DEFENCE_OPTIONS) if table == "strategy" else ()  # fedsim's, whatever the strategy
+            stale = {
+                key
+                for key in (inherited or {}).get(table, ())
+                if key not in accepted_parameters(component) and key not in kept
+            }
             params = {key: value for key, value in params.items() if key not in stale}
             for key in stale:
                 del data[table][key]
@@ -247,6 +330,12 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
             for key, value in fixed.items():
                 if value is not None and key not in params and key in accepted_parameters(component):
                     data[table][key] = value
+        defence_cls, options = defence_of(experiment)
+        if defence_cls is not None:  # the defence's options, defaults filled in as for any component
+            reserved = ["strategy", "seed", *defence_cls.needs]
+            checked = validate_parameters(defence_cls, options, "[strategy] defence_options", reserved=reserved)
+            defaults = {key: value for key, value in _defaults(defence_cls).items() if key not in reserved}
+            data["strategy"][DEFENCE_OPTIONS] = {**defaults, **checked}
         resolved = Experiment.model_validate(data)
         make_partitioner(resolved)
         # the strategy's own range checks, and its sampling where the file says how many clients

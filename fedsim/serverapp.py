@@ -130,7 +130,7 @@ class Federation:
     # -- the run --------------------------------------------------------------------
     def __call__(self, grid: Grid, context: Context) -> None:
         grid = OrderedGrid(grid, discover_clients(grid, self.num_clients))
-        strategy = make_strategy(self.experiment, self.num_clients)
+        strategy = make_strategy(self.experiment, self.num_clients, env=self.env)
         if self.resume is not None:
             restore_strategy(strategy, self.resume.strategy_state, str(self.run.checkpoint))
             arrays, first = self.resume.arrays, self.resume.round + 1
