@@ -323,3 +323,43 @@ def _stop_processes_mentioning(text: str) -> None:
         deadline = time.monotonic() + 10
         while matching() and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+@pytest.mark.ray
+def test_a_failed_ray_client_connection_leaves_ray_usable(monkeypatch):
+    """ray.init("ray://...") puts the process in Ray Client mode before it connects; after a
+    failed connection fedsim leaves that mode, so the next local Ray starts (one failed
+    join once made every later Ray test of a CI run fail)."""
+    import socket
+    import threading
+
+    import ray
+    import ray.util.client.worker as client_worker
+
+    from fedsim.engine.ray import connect
+    from fedsim.errors import UserError
+
+    monkeypatch.setattr(client_worker, "INITIAL_TIMEOUT_SEC", 1)
+    monkeypatch.setattr(client_worker, "MAX_TIMEOUT_SEC", 2)
+    server = socket.socket()  # a port that accepts connections but speaks no Ray
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="no Ray cluster there"):
+            connect(f"ray://127.0.0.1:{server.getsockname()[1]}")
+    finally:
+        server.close()
+    try:
+        assert connect(None) and ray.is_initialized()
+    finally:
+        ray.shutdown()

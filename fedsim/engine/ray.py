@@ -71,6 +71,9 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     except ConnectionError as error:
+        # ray.init("ray://...") switches the process to Ray Client mode before it connects; a
+        # failed connection leaves it there, and every later ray.init in this process fails
+        ray.shutdown()
         raise UserError(f"{where} = {address!r}: no Ray cluster there ({_first_line(error)})") from None
     return True
 
