@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from fedsim.config import Experiment, load_experiment
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def full_or_ci(full, ci):
+    """A slow study's full size, or the small version CI runs (``CI=true``)."""
+    return ci if IN_CI else full
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``CI=true``, tests marked ``slow`` are skipped: each is the long form of a
+    study whose small version CI runs (run ``pytest`` without CI=true for the long forms)."""
+    if not IN_CI:
+        return
+    skip = pytest.mark.skip(reason="slow study: its small version runs in CI; run pytest without CI=true")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.toml"

@@ -250,9 +250,11 @@ def test_an_address_where_no_cluster_listens_fails_at_once(tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_the_ray_engine_joins_a_running_cluster(tmp_path):
-    """`ray start --head` first, then the head's address and `"ray://127.0.0.1:PORT"`
-    (Ray Client) run on it, and leave it running."""
+@pytest.mark.parametrize("join", ["head", pytest.param("client", marks=pytest.mark.slow)])
+def test_the_ray_engine_joins_a_running_cluster(join, tmp_path):
+    """`ray start --head` first, then the head's address or `"ray://127.0.0.1:PORT"` (Ray
+    Client: the slow form, its own server takes seconds to start) runs on it, and leaves
+    it running."""
     import os
     import shutil
     import socket
@@ -284,10 +286,10 @@ def test_the_ray_engine_joins_a_running_cluster(tmp_path):
     try:
         reference = tiny_experiment("rounds=1")
         run_experiment(reference, tmp_path / "local")
-        for name, address in (("head", f"127.0.0.1:{head_port}"), ("client", f"ray://127.0.0.1:{client_port}")):
-            experiment = tiny_experiment("rounds=1", "engine.name=ray", f"engine.address={address!r}")
-            run_experiment(experiment, tmp_path / name)
-            assert (tmp_path / name / "metrics.csv").read_bytes() == (tmp_path / "local/metrics.csv").read_bytes()
+        address = {"head": f"127.0.0.1:{head_port}", "client": f"ray://127.0.0.1:{client_port}"}[join]
+        experiment = tiny_experiment("rounds=1", "engine.name=ray", f"engine.address={address!r}")
+        run_experiment(experiment, tmp_path / join)
+        assert (tmp_path / join / "metrics.csv").read_bytes() == (tmp_path / "local/metrics.csv").read_bytes()
         status = subprocess.run(
             [ray_cli, "status", f"--address=127.0.0.1:{head_port}"], capture_output=True, text=True, env=env
         )

@@ -20,7 +20,7 @@ from fedsim.cli import main
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
 
-from .conftest import QUICKSTART, TINY, tiny_experiment, tiny_overrides
+from .conftest import QUICKSTART, TINY, full_or_ci, tiny_experiment, tiny_overrides
 
 # FedBN, half the clients per round, a checkpoint every second round: resuming needs the
 # global model, the strategy's state, every client's state and the metrics position.
@@ -88,7 +88,7 @@ def test_a_run_killed_at_random_moments_resumes_exactly(tmp_path):
     assert subprocess.run(_command(tmp_path / "reference", overrides)).returncode == 0
     duration = time.monotonic() - started
 
-    moments = random.Random(20261202).sample(range(5, 95), 4)  # percent of an uninterrupted run
+    moments = random.Random(20261202).sample(range(5, 95), full_or_ci(4, 2))  # percent of an uninterrupted run
     command = _command(tmp_path / "run", overrides)
     for percent in sorted(moments):
         process = subprocess.Popen(command)
@@ -106,7 +106,9 @@ def test_a_ray_run_killed_at_random_moments_resumes_exactly(tmp_path):
     overrides = [*STATEFUL, "rounds=8"]
     assert subprocess.run(_command(tmp_path / "reference", overrides)).returncode == 0
     command = _command(tmp_path / "run", [*overrides, "engine.name=ray", "engine.num_workers=2"])
-    for delay in random.Random(7).sample(range(4, 16), 2):  # seconds: Ray's start-up, rounds, checkpoints
+    for delay in random.Random(7).sample(
+        range(4, 16), full_or_ci(2, 1)
+    ):  # seconds: Ray's start-up, rounds, checkpoints
         process = subprocess.Popen(command)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
