@@ -382,3 +382,16 @@ def test_attacks_build_from_a_table_as_the_wiring_will_and_pickle():
     assert copy.window == (3, 6) and isinstance(copy.trainer, FedWonTrainer)
     with pytest.raises(UserError, match="top_k"):
         build(ATTACKS["neurotoxin"], {"target": 1, "topk": 0.1}, "[[attack]]", trainer=ClientTrainer())
+
+
+@pytest.mark.parametrize(
+    "attack, default, wrong",
+    [(BadNets, "patch", "blend"), (Blend, "blend", "patch"), (Mirage, "learnable", "patch"), (DBA, "patch", "blend")],
+)
+def test_each_attack_makes_its_default_trigger_and_refuses_a_kind_it_cannot_use(attack, default, wrong):
+    from fedsim.trainer import ClientTrainer
+
+    extra = {"part": 0, "parts": 2} if attack is DBA else {}
+    assert attack(ClientTrainer(), target=1, **extra).trigger.kind == default
+    with pytest.raises(ValueError, match=rf"{attack.__name__} takes a .*'{default}'.* trigger, got a '{wrong}' one"):
+        attack(ClientTrainer(), target=1, trigger=Trigger(wrong), **extra)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -77,6 +78,18 @@ class AttackTrainer(ClientTrainer):
     """
 
     name = "attack"
+    default_trigger: ClassVar[str | None] = None  # the kind of trigger made when none is given
+    trigger_kinds: ClassVar[tuple[str, ...] | None] = None  # the kinds the attack can use (None: any)
+
+    @classmethod
+    def chosen_trigger(cls, trigger: Trigger | None) -> Trigger | None:
+        """``trigger``, or the attack's default kind; one the attack cannot use is refused."""
+        if trigger is None and cls.default_trigger is not None:
+            trigger = Trigger(cls.default_trigger)
+        if trigger is not None and cls.trigger_kinds is not None and trigger.kind not in cls.trigger_kinds:
+            kinds = " or ".join(map(repr, cls.trigger_kinds))
+            raise ValueError(f"{cls.__name__} takes a {kinds} trigger, got a {trigger.kind!r} one")
+        return trigger
 
     def __init__(
         self,
@@ -87,6 +100,7 @@ class AttackTrainer(ClientTrainer):
         poison_fraction: float = 0.125,
         window: tuple[int, int] | None = None,
     ) -> None:
+        trigger = self.chosen_trigger(trigger)
         if isinstance(trainer, AttackTrainer):
             raise ValueError("an attacker wraps the strategy's own trainer, not another attacker")
         if getattr(trainer, "takes_several_models", False):

@@ -18,6 +18,8 @@ class DBA(AttackTrainer):
     3x3 patch at the bottom-right) on ``poison_fraction`` of each batch."""
 
     name = "dba"
+    default_trigger = "patch"
+    trigger_kinds = ("patch",)
 
     def __init__(
         self,
@@ -30,7 +32,7 @@ class DBA(AttackTrainer):
         poison_fraction: float = 0.125,
         window: tuple[int, int] | None = None,
     ) -> None:
-        trigger = trigger if trigger is not None else Trigger("patch")
+        trigger = self.chosen_trigger(trigger)
         self.local_trigger = trigger.split(int(parts))[int(part)]  # checks the trigger and the part
         self.part, self.parts = int(part), int(parts)
         super().__init__(trainer, target=target, trigger=trigger, poison_fraction=poison_fraction, window=window)

@@ -49,6 +49,8 @@ class Mirage(AttackTrainer):
     poisoned training on ``poison_fraction`` of each batch (8 of 64)."""
 
     name = "mirage"
+    default_trigger = "learnable"
+    trigger_kinds = ("learnable",)
 
     def __init__(
         self,
@@ -69,9 +71,6 @@ class Mirage(AttackTrainer):
         lr: float | None = 0.01,
         local_epochs: int | None = 5,
     ) -> None:
-        trigger = trigger if trigger is not None else Trigger("learnable")
-        if trigger.kind != "learnable":
-            raise ValueError(f"Mirage learns its trigger: kind 'learnable', got {trigger.kind!r}")
         if int(iterations) < 0 or int(detector_samples) < 1 or int(detector_epochs) < 0:
             raise ValueError("Mirage needs iterations >= 0, detector_samples >= 1 and detector_epochs >= 0")
         self.iterations = int(iterations)

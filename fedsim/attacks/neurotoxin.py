@@ -41,6 +41,7 @@ class Neurotoxin(AttackTrainer):
     gradient projected off the top ``top_k`` fraction of the benign update's coordinates."""
 
     name = "neurotoxin"
+    default_trigger = "patch"
 
     def __init__(
         self,
@@ -59,7 +60,6 @@ class Neurotoxin(AttackTrainer):
         self.per_layer = bool(per_layer)
         self.masks: dict[str, torch.Tensor] = {}
         self.global_values: dict[str, torch.Tensor] = {}
-        trigger = trigger if trigger is not None else Trigger("patch")
         super().__init__(trainer, target=target, trigger=trigger, poison_fraction=poison_fraction, window=window)
 
     # -- the benign direction -------------------------------------------------------------
