@@ -95,15 +95,18 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     def train(message: Message, context: Context) -> Message:
         worker = worker_for(environment_for(context))
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed)
+        config = RoundConfig.from_config(
+            only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed
+        )
         fault = config.extra.get(FAULT_KEY)  # an injected fault ([faults]) this client acts out
         act_out(fault, config.extra, None, None)
         server_round = config.server_round
         seed = derive_seed(worker.env.experiment.seed, "train", server_round, client)
         seed_torch_globally(seed, worker.device)  # dropout and any other global-RNG draw in the model
         data = worker.client_data(client, server_round)
-        received = received_arrays(message.content.array_records, worker.trainer)
-        result = worker.trainer.train(
+        trainer = worker.trainer_for(client)
+        received = received_arrays(message.content.array_records, trainer)
+        result = trainer.train(
             worker.model(),
             received,
             data,
@@ -126,11 +129,14 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     def evaluate(message: Message, context: Context) -> Message:
         worker = worker_for(environment_for(context))
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed)
+        config = RoundConfig.from_config(
+            only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed
+        )
         data = worker.client_data(client, config.server_round)
         state = worker.state_store.load(client, config.server_round)
-        arrays = received_arrays(message.content.array_records, worker.trainer)
-        logits = worker.trainer.predict(worker.model(), arrays, data, config, state, worker.device)
+        trainer = worker.trainer_for(client)
+        arrays = received_arrays(message.content.array_records, trainer)
+        logits = trainer.predict(worker.model(), arrays, data, config, state, worker.device)
         metrics = evaluation_metrics(logits, data, len(worker.dataset.domains))
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
 
@@ -141,11 +147,14 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
             return Message(RecordDict({CONFIG_KEY: reply}), reply_to=message)
         worker = worker_for(environment_for(context))  # a strategy's query (fedsim.serverapp.Federation.query)
         client = client_id(context)
-        config = RoundConfig.from_config(only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed)
+        config = RoundConfig.from_config(
+            only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed
+        )
         data = worker.client_data(client, config.server_round)
         state = worker.state_store.load(client, config.server_round - 1)
-        arrays = received_arrays(message.content.array_records, worker.trainer)
-        result = worker.trainer.query(worker.model(), arrays, data, config, state, worker.device)
+        trainer = worker.trainer_for(client)
+        arrays = received_arrays(message.content.array_records, trainer)
+        result = trainer.query(worker.model(), arrays, data, config, state, worker.device)
         content = {METRICS_KEY: MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})}
         if result.statistics:
             content[STATISTICS_KEY] = ArrayRecord(

@@ -28,6 +28,7 @@ from fedsim.trainer import ClientTrainer
 
 STRATEGY_PLUGINS = "fedsim.strategies"
 DEFENCE, DEFENCE_OPTIONS = "defence", "defence_options"  # [strategy] keys fedsim reads, not the strategy
+NO_DEFENCE = "none"  # [strategy] defence = "none": no defence (a sweep's baseline)
 ROOT_SET_SIZE = 100  # FLTrust's root set: the paper's 100 examples, drawn from the training data
 
 
@@ -96,13 +97,14 @@ def strategy_params(experiment: Experiment) -> dict[str, Any]:
 
 
 def defence_of(experiment: Experiment) -> tuple[type | None, dict[str, Any]]:
-    """The defence class that ``[strategy] defence`` names (None without one) and its options."""
+    """The defence class that ``[strategy] defence`` names (None without one, or with
+    ``defence = "none"``, which lets a sweep compare defences with no defence) and its options."""
     from strategies.defences import DEFENCES
 
     params = experiment.strategy.params
     name, options = params.get(DEFENCE), params.get(DEFENCE_OPTIONS, {})
-    if name is None:
-        if DEFENCE_OPTIONS in params:
+    if name is None or name == NO_DEFENCE:
+        if DEFENCE_OPTIONS in params and (name is None or options):
             raise UserError("[strategy] defence_options is set but no defence; add defence = 'flame' (or another)")
         return None, {}
     if not isinstance(name, str):
@@ -324,7 +326,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
             chosen = (getattr(experiment, table).name, registry)
             params = validate_parameters(component, params, f"[{table}]", reserved=fixed, chosen=chosen)
             data[table].update(params)  # coerced to the declared types: alpha = 1 becomes 1.0
-            for key, default in _defaults(component).items():
+            for key, default in parameter_defaults(component).items():
                 if key not in data[table] and key not in fixed:
                     data[table][key] = default
             for key, value in fixed.items():
@@ -334,7 +336,7 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         if defence_cls is not None:  # the defence's options, defaults filled in as for any component
             reserved = ["strategy", "seed", *defence_cls.needs]
             checked = validate_parameters(defence_cls, options, "[strategy] defence_options", reserved=reserved)
-            defaults = {key: value for key, value in _defaults(defence_cls).items() if key not in reserved}
+            defaults = {key: value for key, value in parameter_defaults(defence_cls).items() if key not in reserved}
             data["strategy"][DEFENCE_OPTIONS] = {**defaults, **checked}
         resolved = Experiment.model_validate(data)
         make_partitioner(resolved)
@@ -343,6 +345,10 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         known = isinstance(num_clients, int) and not isinstance(num_clients, bool) and num_clients >= 1
         make_strategy(resolved, num_clients if known else 1, clients_known=known)
         make_engine(resolved)
+        if resolved.attack:
+            from fedsim.attacks.plan import resolve_attack_tables
+
+            resolved.attack = resolve_attack_tables(resolved, num_clients if known else None)
     except UserError as error:
         raise UserError(f"{source}: {error}") from None
     return resolved
@@ -368,7 +374,7 @@ def _required_model_options(strategy_cls: type[Strategy], model_cls: type, exper
     return dict(required)
 
 
-def _defaults(component: Any) -> dict[str, Any]:
+def parameter_defaults(component: Any) -> dict[str, Any]:
     """The parameter defaults that a TOML file can hold (no None, no callables)."""
 
     def representable(value: Any) -> bool:

@@ -35,7 +35,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,6 +151,64 @@ class GuardsTable(_Table):
     max_update_norm: float | None = Field(None, gt=0)
 
 
+class TriggerTable(_Table):
+    """An attacker's trigger (:class:`fedsim.attacks.triggers.Trigger`): a ``patch`` of
+    ``size`` x ``size`` pixels set to ``value`` at a corner or ``[row, col]``; a full-image
+    ``blend`` with a pattern drawn from ``seed`` at ``alpha``; or Mirage's ``learnable``
+    blend, starting at ``init``."""
+
+    kind: Literal["patch", "blend", "learnable"] = "patch"
+    size: int = Field(3, ge=1)
+    location: Literal["top-left", "top-right", "bottom-left", "bottom-right"] | list[int] = "bottom-right"
+    value: float = 1.0
+    alpha: float | None = Field(None, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+    init: float = 0.5
+
+    @model_validator(mode="after")
+    def _location_is_a_corner_or_a_pixel(self) -> TriggerTable:
+        if isinstance(self.location, list) and (len(self.location) != 2 or min(self.location) < 0):
+            raise ValueError(f"location {self.location!r} must be a corner or [row, col] with row, col >= 0")
+        return self
+
+
+RESERVED_ATTACKER_NAMES = ("all", "benign")  # metrics.csv ids of the attack's totals
+
+
+class AttackTable(_Table):
+    """One attacker (:mod:`fedsim.attacks`), an ``[[attack]]`` table: the ``method`` and its
+    ``options``, the ``clients`` it controls (ids, or a ``count`` drawn with the seed from
+    the clients no table names), its ``target`` label, its ``trigger``, the share of each
+    batch it poisons (``poison_fraction``; the method's default when left out), the rounds
+    ``window = [first, last]`` it attacks in (every round when left out), and its ``name``
+    in metrics (default: its position, 0, 1, ...). Attackers do not collude: each has its
+    own target and trigger. Tables with the same ``group`` collude (DBA: the group's clients
+    share one patch, each stamping its own part of it)."""
+
+    method: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    clients: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    count: int | None = Field(None, ge=1)
+    target: int = Field(ge=0)
+    trigger: TriggerTable | None = None
+    poison_fraction: float | None = Field(None, ge=0, le=1)
+    window: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=2, max_length=2)
+    group: str | None = None
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _clients_or_count(self) -> AttackTable:
+        if (self.clients is None) == (self.count is None):
+            raise ValueError("give either clients = [ids] or count = N (clients drawn with the seed), not both")
+        if self.clients is not None and len(set(self.clients)) != len(self.clients):
+            raise ValueError(f"clients {self.clients} names a client twice")
+        if self.window is not None and self.window[0] > self.window[1]:
+            raise ValueError(f"window {self.window} must be [first, last] with first <= last")
+        if self.name in RESERVED_ATTACKER_NAMES:
+            raise ValueError(f"name {self.name!r} is reserved; choose another")
+        return self
+
+
 class Experiment(_Table):
     """A whole experiment, as read from a TOML file."""
 
@@ -171,6 +229,7 @@ class Experiment(_Table):
     engine: EngineTable = EngineTable()
     faults: FaultsTable = FaultsTable()
     guards: GuardsTable = GuardsTable()
+    attack: list[AttackTable] = []  # [[attack]] tables: the attackers (fedsim.attacks)
 
     @model_validator(mode="after")
     def _hangs_need_a_timeout(self) -> Experiment:
@@ -188,6 +247,8 @@ class Experiment(_Table):
         data = _drop_none(self.model_dump(mode="json"))
         if data.get("features") == {"name": "none"}:
             del data["features"]
+        if not data.get("attack"):  # as features: experiments without attackers keep their fingerprints
+            data.pop("attack", None)
         return data
 
     def to_toml(self) -> str:
@@ -207,6 +268,8 @@ FIXED_TABLES = [name for name in TABLE_NAMES if issubclass(TABLES[name], _Table)
 def _drop_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
     return value
 
 
@@ -269,10 +332,19 @@ def validate(
             if key not in fields:
                 hint = did_you_mean(key, fields) or f" (valid keys: {', '.join(fields)})"
                 raise UserError(f"{source}: [{table}] unknown key {key!r}{hint}")
+    _check_attack_tables(data.get(ATTACK_TABLES, []), source)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as error:
         loc, value, message = first_error_line(error)
+        if loc and loc[0] == ATTACK_TABLES and len(loc) > 1:  # [[attack]] number n (1-based, as in the file)
+            where = ".".join(map(str, loc[2:]))
+            table = f"[[attack]] #{int(loc[1]) + 1}"
+            if error.errors()[0]["type"] == "missing":
+                raise UserError(f"{source}: {table} is missing the required key {where!r}") from None
+            if not where:
+                raise UserError(f"{source}: {table}: {message}") from None
+            raise UserError(f"{source}: {table} {where} = {toml_value(value)} is invalid: {message}") from None
         where = f"[{loc[0]}] {loc[1]}" if len(loc) > 1 else ".".join(map(str, loc))
         if error.errors()[0]["type"] == "missing":
             raise UserError(f"{source}: missing required key {where!r}") from None
@@ -284,6 +356,29 @@ def validate(
     from fedsim.components import resolve
 
     return resolve(experiment, source, inherited)
+
+
+ATTACK_TABLES = "attack"
+
+
+def _check_attack_tables(tables: Any, source: str) -> None:
+    """``[[attack]]`` is an array of tables; unknown keys in one get a suggestion."""
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise UserError(f"{source}: 'attack' must be written as [[attack]] tables, one per attacker")
+    fields = AttackTable.model_fields
+    for number, table in enumerate(tables, start=1):
+        for key in table:
+            if key not in fields:
+                hint = did_you_mean(key, fields) or f" (valid keys: {', '.join(fields)})"
+                raise UserError(f"{source}: [[attack]] #{number} unknown key {key!r}{hint}")
+        trigger = table.get("trigger", {})
+        for key in trigger if isinstance(trigger, dict) else ():
+            if key not in TriggerTable.model_fields:
+                hint = (
+                    did_you_mean(key, TriggerTable.model_fields)
+                    or f" (valid keys: {', '.join(TriggerTable.model_fields)})"
+                )
+                raise UserError(f"{source}: [[attack]] #{number} trigger: unknown key {key!r}{hint}")
 
 
 SWEEP_TABLE = "sweep"  # read only by `fedsim sweep`; set aside for everything else

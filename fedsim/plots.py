@@ -57,6 +57,33 @@ def plot_training(metrics: pd.DataFrame, path: Path, title: str, slot_starts: li
     save_figure(figure, path)
 
 
+def plot_attacks(metrics: pd.DataFrame, path: Path, title: str, windows: dict[str, tuple[int, int] | None]) -> None:
+    """Each attacker's success rate and the clean accuracy against round, with each
+    attacker's window shaded (:mod:`fedsim.attacks.metrics`)."""
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    rows = metrics[metrics.scope == "attacker"]
+    shaded = set()
+    for number, (name, window) in enumerate(windows.items()):
+        colour = plt.cm.tab10(number % 10)
+        if window is not None and window not in shaded:
+            shaded.add(window)
+            axis.axvspan(window[0] - 0.5, window[1] + 0.5, color="grey", alpha=0.12, linewidth=0)
+        asr = rows[(rows.id == name) & (rows.metric == "asr")]
+        if len(asr):
+            axis.plot(asr["round"], asr["value"], marker="o", markersize=3, color=colour, label=f"ASR {name}")
+    clean = rows[(rows.id == "all") & (rows.metric == "clean_accuracy")]
+    if len(clean):
+        axis.plot(clean["round"], clean["value"], color="black", linestyle="--", label="clean accuracy")
+    axis.set_xlabel("round")
+    axis.set_ylabel("rate")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    if axis.lines:
+        axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axis.set_title(f"{title} (attack windows shaded)" if shaded else title)
+    save_figure(figure, path)
+
+
 HEATMAP_MAX_CLIENTS = 100  # more rows than this blur into one another at any figure size
 MAX_TICKS = 40  # tick labels per axis; more are thinned to every k-th
 TICK_FONT = 8  # points

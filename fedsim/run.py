@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import fedsim
+from fedsim.attacks.plan import check_attacks_fit_data
 from fedsim.checkpoint import Checkpoint
 from fedsim.clientapp import make_client_app
 from fedsim.components import check_model, make_engine
@@ -85,6 +86,8 @@ def prepare_run(
     dataset = experiment_dataset(experiment)
     check_model(experiment, dataset.input_shape, dataset.num_classes)
     partition = split_dataset(experiment, dataset)
+    if experiment.attack:
+        check_attacks_fit_data(experiment, dataset.input_shape, dataset.num_classes, partition.num_clients)
     run.start(experiment)
     partition.save(run.partition)
     describe_partition(experiment, dataset, partition, run.path, labels_plot="partition.png")
@@ -101,14 +104,18 @@ def load_partition(run: RunDirectory) -> Partition:
 
 def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
     """After the last round: summary.json and the training plot."""
-    from fedsim.plots import plot_training
+    from fedsim.plots import plot_attacks, plot_training
 
     summary = make_summary(experiment, federation, prepared.partition, federation.elapsed())
     run = prepared.run
     partition = federation.partition
     starts = [r for r in range(2, experiment.rounds + 1) if partition.slot_of(r) != partition.slot_of(r - 1)]
     title = f"{experiment.name}: {experiment.strategy.name}"
-    plot_training(run.read_metrics(), run.plots / "accuracy.png", title, slot_starts=starts)
+    metrics = run.read_metrics()
+    plot_training(metrics, run.plots / "accuracy.png", title, slot_starts=starts)
+    if federation.attacks is not None:
+        windows = {attacker.name: attacker.window for attacker in federation.attacks.plan.attackers}
+        plot_attacks(metrics, run.plots / "attack.png", title, windows)
     run.write_summary(summary)
     return RunResult(run.path, summary, prepared.status)
 
@@ -158,6 +165,8 @@ def make_summary(experiment: Experiment, federation: Federation, partition: Part
         "faults": dict(sorted(federation.faults.items())),
         # a drift stream's figures (fedsim.stream_metrics): by slot, by concept, drift detection
         **(federation.stream.summary() if federation.stream is not None else {}),
+        # the attackers' success and a defence's detection (fedsim.attacks.metrics)
+        **(federation.attacks.summary() if federation.attacks is not None else {}),
         "rounds_completed": experiment.rounds,
         "seed": experiment.seed,
         "engine": experiment.engine.name,

@@ -20,9 +20,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim import multimodel
+from fedsim.attacks.metrics import AttackMetrics
+from fedsim.attacks.plan import AttackPlan
 from fedsim.checkpoint import Checkpoint, restore_strategy, strategy_state
 from fedsim.clientapp import DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
-from fedsim.components import make_strategy
+from fedsim.components import make_strategy, resolve_strategy, trainer_class
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
 from fedsim.faults import FaultPlan, RoundFaults, Screen
@@ -80,6 +82,8 @@ class Federation:
             if is_stream(partition)
             else None
         )
+        # per-attacker success rates and a defence's verdicts (fedsim.attacks.metrics)
+        self.attacks = attack_metrics(env, run, self.dataset, self.num_clients)
         self.resume = resume
         self.on_round = on_round or (lambda _round, _metrics, **_: None)
         self.final: dict[str, float] = {}
@@ -145,6 +149,9 @@ class Federation:
         elif self.evaluated_on == GLOBAL_TEST and self.experiment.evaluate_every > 0:
             self.final = self.evaluate_global(arrays)
             self.run.append_metrics(self._rows(0, "server", "global", self.final))
+        if self.resume is None and self.attacks is not None and self.experiment.evaluate_every > 0:
+            clean = self.final if self.evaluated_on == GLOBAL_TEST else None  # the backdoors' chance level
+            self.run.append_metrics(self.attacks.evaluation_rows(0, arrays, self.evaluate_global, clean))
         for server_round in range(first, self.experiment.rounds + 1):
             started = time.perf_counter()
             arrays = self.play_round(server_round, strategy, arrays, grid, started)
@@ -171,6 +178,13 @@ class Federation:
         if new_arrays is not None:
             arrays = new_arrays
         rows += self._rows(server_round, "federated", "train", train_metrics or {})
+        if self.attacks is not None:
+            accepted = getattr(strategy, "last_accepted", None)  # a filtering defence's verdict
+            rows += self.attacks.detection_rows(
+                server_round,
+                [grid.clients[reply.metadata.src_node_id] for reply in replies],
+                None if accepted is None else [grid.clients[node] for node in accepted],
+            )
 
         if self.evaluates_after(server_round):
             rows += self.evaluate(server_round, strategy, arrays, grid)
@@ -268,6 +282,9 @@ class Federation:
         else:
             self.final = self.evaluate_global(arrays)
             rows += self._rows(server_round, "server", "global", self.final)
+        if self.attacks is not None:
+            clean = self.final if self.evaluated_on == GLOBAL_TEST else None
+            rows += self.attacks.evaluation_rows(server_round, arrays, self.evaluate_global, clean)
         return rows
 
     # -- metrics --------------------------------------------------------------------
@@ -331,6 +348,17 @@ class Federation:
         self.faults = {kind: int(count) for kind, count in set_aside.items()}
         if self.stream is not None:
             self.stream.restore(frame)
+        if self.attacks is not None:
+            self.attacks.restore(frame)
+
+
+def attack_metrics(env: RunEnvironment, run: RunDirectory, dataset, num_clients: int) -> AttackMetrics | None:
+    """The run's attack figures, if its experiment has ``[[attack]]`` tables."""
+    if not env.experiment.attack:
+        return None
+    plan = AttackPlan.from_experiment(env.experiment, num_clients)
+    trainer = trainer_class(resolve_strategy(env.experiment.strategy.name))()
+    return AttackMetrics(plan, dataset, ClientStateStore(run.client_state), trainer)
 
 
 def _clients(clients: list[int] | None) -> frozenset[int] | None:

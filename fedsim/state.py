@@ -38,15 +38,20 @@ class ClientStateStore:
 
     def load(self, client: int, up_to_round: int) -> dict[str, np.ndarray]:
         """The newest state saved in a round <= ``up_to_round`` (empty if none)."""
-        candidates = [path for rnd, path in self._rounds(client) if rnd <= up_to_round]
+        return self.newest(client, up_to_round)[1]
+
+    def newest(self, client: int, up_to_round: int) -> tuple[int, dict[str, np.ndarray]]:
+        """The round and the newest state saved in a round <= ``up_to_round`` ((0, {}) if none)."""
+        candidates = [(rnd, path) for rnd, path in self._rounds(client) if rnd <= up_to_round]
         if not candidates:
-            return {}
+            return 0, {}
+        saved, path = candidates[-1]
         try:
-            with np.load(candidates[-1], allow_pickle=False) as data:
-                return {key: data[key] for key in data.files}
+            with np.load(path, allow_pickle=False) as data:
+                return saved, {key: data[key] for key in data.files}
         except (OSError, ValueError, EOFError) as error:
             raise UserError(
-                f"{candidates[-1]} is not a readable client state ({type(error).__name__}: {error}); "
+                f"{path} is not a readable client state ({type(error).__name__}: {error}); "
                 "--overwrite starts the run over"
             ) from None
 

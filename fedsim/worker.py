@@ -3,7 +3,8 @@
 As in pfl-research, a process keeps one :class:`Worker` per run and loads everything
 once: the dataset, the partition, each client's data view, one reusable model per
 architecture (each client's weights are loaded into it in place; no model is built per
-client), the client trainer, the state store and the device. The engines feed it lists
+client), the client trainer (and, for attacking clients, the attack around it), the
+state store and the device. The engines feed it lists
 of client tasks (:func:`fedsim.engine.tasks.run_tasks`): the in-process engine runs them
 in the driver, the Ray engine on a pool of actors, each holding one worker. The ClientApp
 finds its process's worker with :func:`worker_for`, under every engine and under Flower's
@@ -16,6 +17,7 @@ import gc
 
 from torch import nn
 
+from fedsim.attacks.plan import AttackPlan
 from fedsim.data import ClientData, Dataset
 from fedsim.data.dataset import local_split, view_samples
 from fedsim.environment import RunEnvironment
@@ -41,8 +43,14 @@ class Worker:
         self.partition = Partition.load(env.run_dir / "partition.npz")
         self.state_store = ClientStateStore(env.run_dir / "client_state")
         self.trainer: ClientTrainer = trainer_class(resolve_strategy(env.experiment.strategy.name))()
+        self.attacks = AttackPlan.from_experiment(env.experiment, self.partition.num_clients)
         self._views: dict[tuple[int, int], ClientData] = {}
         self._model: nn.Module | None = None
+
+    def trainer_for(self, client: int) -> ClientTrainer:
+        """What ``client`` runs: the strategy's trainer, or, for a client an ``[[attack]]``
+        controls, the attack wrapped around it (:mod:`fedsim.attacks.plan`)."""
+        return self.attacks.trainer_for(client, self.trainer)
 
     def client_data(self, client: int, server_round: int) -> ClientData:
         """The client's local training and held-out data in ``server_round``: its view of

@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 from fedsim.cli import main
-from fedsim.components import _defaults
+from fedsim.components import parameter_defaults
 from fedsim.data import DATASETS
 from fedsim.data.sources import SOURCES
 from fedsim.registry import validate_parameters
@@ -27,7 +27,7 @@ def test_every_loader_option_is_typed_so_config_validation_checks_it():
         hints = inspect.get_annotations(info.loader, eval_str=True)
         for parameter in inspect.signature(info.loader).parameters:
             assert parameter in hints, f"{name}: {parameter} has no type hint"
-        validate_parameters(info.loader, _defaults(info.loader), f"[dataset] ({name})")  # defaults validate
+        validate_parameters(info.loader, parameter_defaults(info.loader), f"[dataset] ({name})")  # defaults validate
 
 
 def test_fedsim_list_shows_classes_shape_domains_and_availability(capsys):

@@ -64,3 +64,13 @@ def test_bad_defence_keys_are_one_line_errors(overrides, message, tmp_path):
 def test_switching_the_strategy_keeps_the_defence():
     experiment = load_experiment(QUICKSTART, ["strategy.defence=krum", "strategy.name=fedbn", "model.name=digitcnn"])
     assert experiment.strategy.params["defence"] == "krum"
+
+
+def test_defence_none_is_no_defence_so_a_sweep_can_compare_against_it(tmp_path):
+    experiment = tiny_experiment("strategy.defence=none")
+    assert experiment.fingerprint() != tiny_experiment().fingerprint(), "the file says so; the run is the same"
+    run = run_experiment(experiment, tmp_path / "run")
+    metrics = RunDirectory(run.path).read_metrics()
+    assert not (metrics.metric == "defence-accepted").any()
+    with pytest.raises(UserError, match="defence_options is set but no defence"):
+        tiny_experiment("strategy.defence=none", "strategy.defence_options={num_malicious_nodes=1}")

@@ -17,8 +17,13 @@ eligible, all of them are poisoned. Batches are shuffled by the round's torch ge
 the poisoned samples are a random subset, and poisoning itself draws nothing: a data
 poisoning attacker consumes the round's generator exactly as the wrapped trainer does (an
 attack that needs draws, Mirage's detector, takes them from that generator too, never from a
-global RNG). The number poisoned in the round is the train metric ``attack-poisoned``. Poisoning happens inside the wrapped trainer's ``batch_loss`` (on the batch
+global RNG). Poisoning happens inside the wrapped trainer's ``batch_loss`` (on the batch
 already on the device), so the trainer's loss, hooks (FedWon's AGC) and optimiser apply.
+
+**Stealth.** An attacker's reply has the wrapped trainer's metric keys, no more (Flower
+refuses to aggregate replies whose metrics differ, and a defence could read them): the
+number of samples it poisoned in its last round is kept in its state instead
+(:func:`poisoned_count`).
 
 **State.** The wrapped trainer sees its own state only: keys starting with
 :data:`STATE_PREFIX` belong to the attack, are removed before delegating and merged back
@@ -49,7 +54,7 @@ from fedsim.data import ClientData
 from fedsim.trainer import ClientState, ClientTrainer, QueryResult, RoundConfig, TrainResult
 
 STATE_PREFIX = "attack:"  # client-state keys that belong to the attack, never to the wrapped trainer
-POISONED_METRIC = "attack-poisoned"  # train metric: how many samples the attacker poisoned this round
+POISONED = "poisoned"  # attack-state key: how many samples the attacker poisoned in its last round
 
 
 @dataclass
@@ -128,6 +133,11 @@ class AttackTrainer(ClientTrainer):
     def test_trigger(self) -> Trigger | None:
         """The trigger the attack's success is measured with (DBA: the full patch)."""
         return self.trigger
+
+    def measured_trigger(self, state: ClientState | None = None) -> Trigger | None:
+        """The trigger the attack is measured with, given an attacking client's state
+        (Mirage: the pattern it learned); by default :attr:`test_trigger`."""
+        return self.test_trigger
 
     # -- which samples, and what happens to them ---------------------------------------
     def eligible(self, y: torch.Tensor) -> torch.Tensor:
@@ -238,7 +248,7 @@ class AttackTrainer(ClientTrainer):
         inner_state, own = self.split_state(state)
         if not self.active(config.server_round):  # the wrapped trainer, exactly
             result = self.trainer.train(model, arrays, data, config, inner_state, generator, device)
-            own = self.remember(arrays, own, config)
+            own = {**self.remember(arrays, own, config), POISONED: np.array(0)}
             return TrainResult(result.arrays, result.metrics, self.merge_state(result.state, own))
         self._round = step = AttackRound(arrays, config, dict(own), data, device, generator)
         try:
@@ -251,8 +261,7 @@ class AttackTrainer(ClientTrainer):
             reply = self.craft_reply(reply, step)
         finally:
             self._round = None
-        step.state = self.remember(arrays, step.state, config)
-        metrics = {**metrics, POISONED_METRIC: float(step.poisoned)}
+        step.state = {**self.remember(arrays, step.state, config), POISONED: np.array(step.poisoned)}
         return TrainResult(reply, metrics, self.merge_state(inner_state, step.state))
 
     def remember(self, arrays: ArrayRecord, own: dict[str, np.ndarray], config: RoundConfig) -> dict[str, np.ndarray]:
@@ -301,6 +310,11 @@ class AttackTrainer(ClientTrainer):
         if name == "trainer" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.trainer, name)
+
+
+def poisoned_count(state: ClientState) -> int:
+    """How many samples an attacker poisoned in its last round, from its client state."""
+    return int(state.get(STATE_PREFIX + POISONED, 0))
 
 
 def float_entries(record: ArrayRecord) -> dict[str, np.ndarray]:

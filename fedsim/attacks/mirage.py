@@ -20,7 +20,9 @@ The pattern starts at 0.5 (blend alpha 0.3) and persists in the attacker's clien
 reads it back for measuring the attack (the trigger it was trained with).
 
 Choices where the recipe is silent: the detector's body is frozen (only the new head
-trains, as the recipe says "head trained"), its features are computed once per iteration;
+trains, as the recipe says "head trained"), its features are computed once per iteration,
+in the same forward pass as the loss (fedsim's models compute ``head(features(x))``, which
+:meth:`Mirage.parts` requires);
 the detector's mini-batches (the round's ``batch_size``) and its head's initialisation draw
 from the round's generator; the cosine term is on logits, the same f as the target term;
 the trigger gradient is over all selected non-target samples at once.
@@ -94,6 +96,9 @@ class Mirage(AttackTrainer):
             return self.trigger.with_pattern(state[key])
         return self.trigger
 
+    def measured_trigger(self, state: ClientState | None = None) -> Trigger:
+        return self.learned_trigger(state)
+
     def training_config(self, config: RoundConfig) -> RoundConfig:
         changes = {}
         if self.lr is not None:
@@ -127,27 +132,43 @@ class Mirage(AttackTrainer):
         return torch.sort(torch.cat(chosen)).values
 
     def train_detector(self, features: torch.Tensor, labels: torch.Tensor, step: AttackRound) -> nn.Linear:
-        """A fresh 2-way head on frozen features (SGD, the detector's settings)."""
+        """A fresh 2-way head on frozen features, trained with the detector's SGD settings.
+
+        The head is linear on fixed features, so its cross-entropy gradient has a closed
+        form, ``(softmax(z) - onehot)^T f / n``; the update is torch.optim.SGD's (weight
+        decay added to the gradient, momentum buffer starting at the first gradient),
+        written out because autograd and the optimizer cost ten times the arithmetic on
+        thousands of tiny steps (50 iterations x 30 epochs per attack round)."""
         generator = step.generator
-        head = nn.Linear(features.shape[1], 2).to(features.device)
-        with torch.no_grad():
-            bound = 1 / math.sqrt(features.shape[1])
-            for p in head.parameters():
-                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
-        optimizer = torch.optim.SGD(
-            head.parameters(),
-            lr=self.detector_lr,
-            momentum=self.detector_momentum,
-            weight_decay=self.detector_weight_decay,
-        )
+        dim = features.shape[1]
+        bound = 1 / math.sqrt(dim)
+        weight = ((torch.rand((2, dim), generator=generator) * 2 - 1) * bound).to(features.device)
+        bias = ((torch.rand((2,), generator=generator) * 2 - 1) * bound).to(features.device)
+        onehot = F.one_hot(labels, 2).to(features.dtype)
+        momentum_w = momentum_b = None
+        lr, momentum, decay = self.detector_lr, self.detector_momentum, self.detector_weight_decay
         size = step.config.batch_size
-        for _ in range(self.detector_epochs):
-            order = torch.randperm(len(labels), generator=generator).to(features.device)
-            for start in range(0, len(labels), size):
-                index = order[start : start + size]
-                optimizer.zero_grad()
-                F.cross_entropy(head(features[index]), labels[index]).backward()
-                optimizer.step()
+        with torch.no_grad():
+            for _ in range(self.detector_epochs):
+                order = torch.randperm(len(labels), generator=generator).to(features.device)
+                for start in range(0, len(labels), size):
+                    index = order[start : start + size]
+                    f = features[index]
+                    error = (torch.softmax(f @ weight.T + bias, dim=1) - onehot[index]) / len(index)
+                    grad_w = error.T @ f + decay * weight
+                    grad_b = error.sum(0) + decay * bias
+                    if momentum_w is None:
+                        momentum_w, momentum_b = grad_w.clone(), grad_b.clone()
+                    else:
+                        momentum_w.mul_(momentum).add_(grad_w)
+                        momentum_b.mul_(momentum).add_(grad_b)
+                    weight -= lr * momentum_w
+                    bias -= lr * momentum_b
+        head = nn.Linear(dim, 2).to(features.device)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        head.requires_grad_(False)
         return head
 
     def before_fit(self, model: nn.Module, step: AttackRound) -> None:
@@ -162,7 +183,7 @@ class Mirage(AttackTrainer):
         pattern = pattern.to(step.device)
         was_training = model.training
         model.eval()
-        features_net, _ = self.parts(model)
+        features_net, head = self.parts(model)
         params = list(model.parameters())
         flags = [p.requires_grad for p in params]
         for p in params:
@@ -179,24 +200,21 @@ class Mirage(AttackTrainer):
                 target = torch.full((len(attack_x),), self.target, dtype=torch.long, device=step.device)
                 zeros = torch.zeros(len(attack_x), dtype=torch.long, device=step.device)
                 for _ in range(self.iterations):
-                    with torch.no_grad():
-                        triggered = features_net(self.trigger.apply(attack_x, pattern=pattern))
-                        if target_features is None:
-                            det_x, det_y = triggered, torch.ones_like(zeros)
-                        else:
-                            det_x = torch.cat([triggered, target_features])
-                            det_y = torch.cat(
-                                [
-                                    torch.ones(len(triggered), dtype=torch.long, device=step.device),
-                                    torch.zeros(len(target_features), dtype=torch.long, device=step.device),
-                                ]
-                            )
-                    detector = self.train_detector(det_x, det_y, step)
+                    # one forward serves the detector's data and the loss (forward = head(features))
                     t = pattern.clone().requires_grad_(True)
-                    poisoned = self.trigger.apply(attack_x, pattern=t)
-                    logits = model(poisoned)
+                    triggered = features_net(self.trigger.apply(attack_x, pattern=t))
+                    logits = head(triggered)
+                    ones = torch.ones(len(triggered), dtype=torch.long, device=step.device)
+                    if target_features is None:
+                        det_x, det_y = triggered.detach(), ones
+                    else:
+                        det_x = torch.cat([triggered.detach(), target_features])
+                        det_y = torch.cat(
+                            [ones, torch.zeros(len(target_features), dtype=torch.long, device=step.device)]
+                        )
+                    detector = self.train_detector(det_x, det_y, step)
                     loss = (
-                        F.cross_entropy(detector(features_net(poisoned)), zeros)
+                        F.cross_entropy(detector(triggered), zeros)
                         + F.cross_entropy(logits, target)
                         + F.cosine_similarity(logits, clean_logits, dim=1).mean()
                     )

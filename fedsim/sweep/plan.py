@@ -114,6 +114,8 @@ _MISSING = object()
 
 
 def _same(resolved: Any, given: Any) -> bool:
+    if isinstance(given, dict) and isinstance(resolved, dict):  # an inline table: the defaults filled in
+        return all(key in resolved and _same(resolved[key], value) for key, value in given.items())
     if isinstance(given, float) and isinstance(resolved, float) and math.isnan(given):
         return math.isnan(resolved)
     return resolved == given and isinstance(resolved, bool) == isinstance(given, bool)
