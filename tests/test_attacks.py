@@ -395,3 +395,29 @@ def test_each_attack_makes_its_default_trigger_and_refuses_a_kind_it_cannot_use(
     assert attack(ClientTrainer(), target=1, **extra).trigger.kind == default
     with pytest.raises(ValueError, match=rf"{attack.__name__} takes a .*'{default}'.* trigger, got a '{wrong}' one"):
         attack(ClientTrainer(), target=1, trigger=Trigger(wrong), **extra)
+
+
+def test_mirages_closed_form_detector_head_is_torch_sgds():
+    """The detector head's update is written out (autograd and torch.optim cost ten times
+    the arithmetic on its thousands of tiny steps); it must be torch.optim.SGD's."""
+    from types import SimpleNamespace
+
+    attacker = Mirage(ClientTrainer(), target=1, detector_epochs=4)
+    features, labels = torch.randn(70, 12), torch.randint(0, 2, (70,))
+    step = SimpleNamespace(generator=torch.Generator().manual_seed(3), config=RoundConfig(batch_size=16))
+    head = attacker.train_detector(features, labels, step)
+    generator = torch.Generator().manual_seed(3)
+    reference, bound = torch.nn.Linear(12, 2), 1 / math.sqrt(12)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_((torch.rand(parameter.shape, generator=generator) * 2 - 1) * bound)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for _ in range(4):
+        order = torch.randperm(70, generator=generator)
+        for start in range(0, 70, 16):
+            index = order[start : start + 16]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(features[index]), labels[index]).backward()
+            optimizer.step()
+    torch.testing.assert_close(head.weight, reference.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(head.bias, reference.bias, rtol=0, atol=1e-6)
