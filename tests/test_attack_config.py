@@ -271,3 +271,12 @@ def test_the_cli_reports_a_bad_attack_table_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "[[attack]] #1 (mirage) options" in result.stderr and "iteratons" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fedsim_list_names_the_attacks_defences_and_feature_extractors(capsys):
+    from fedsim.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for section, member in [("attacks", "mirage"), ("defences", "flame"), ("feature extractors", "checkpoint")]:
+        assert section in out and f"  {member} " in out

@@ -7,13 +7,16 @@ import sys
 
 
 def execute(args: argparse.Namespace) -> int:
+    from fedsim.attacks import ATTACK_PLUGINS, ATTACKS
     from fedsim.components import STRATEGY_PLUGINS
     from fedsim.data import DATASETS
+    from fedsim.data.features import FEATURE_EXTRACTORS
     from fedsim.engine import ENGINES
     from fedsim.models import MODELS
     from fedsim.registry import describe, plugin_table
     from partitioners import PARTITIONERS
     from strategies import STRATEGIES
+    from strategies.defences import DEFENCES
 
     def section(title: str, rows: dict[str, str]) -> None:
         print(f"{title}:")
@@ -39,6 +42,11 @@ def execute(args: argparse.Namespace) -> int:
     strategies.update({name: f"plugin from {ep.value}" for name, ep in plugin_table(STRATEGY_PLUGINS).items()})
     section("strategies", strategies)
     section("engines", {name: describe(cls) for name, cls in ENGINES.items()})
+    section("defences ([strategy] defence)", {name: describe(cls) for name, cls in DEFENCES.items()})
+    attacks = {name: describe(cls) for name, cls in ATTACKS.items()}
+    attacks.update({name: f"plugin from {ep.value}" for name, ep in plugin_table(ATTACK_PLUGINS).items()})
+    section("attacks ([[attack]] method)", attacks)
+    section("feature extractors ([features] name)", {name: describe(cls) for name, cls in FEATURE_EXTRACTORS.items()})
     return 0
 
 
@@ -54,7 +62,7 @@ def _how_to_get(name: str) -> str:
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "list",
-        help="list datasets, partitioners, models, strategies and engines",
+        help="list datasets, partitioners, models, strategies, engines, defences, attacks and feature extractors",
         description="List every registered component, one line each.",
     )
     parser.set_defaults(handler=execute)
