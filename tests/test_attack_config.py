@@ -280,3 +280,41 @@ def test_fedsim_list_names_the_attacks_defences_and_feature_extractors(capsys):
     out = capsys.readouterr().out
     for section, member in [("attacks", "mirage"), ("defences", "flame"), ("feature extractors", "checkpoint")]:
         assert section in out and f"  {member} " in out
+
+
+USER_ATTACK = '''
+from fedsim.attacks.badnets import BadNets
+
+
+class EveryOther(BadNets):
+    """A user's attack: BadNets on every other batch."""
+
+    def __init__(self, trainer, *, target, strength=2, **kwargs):
+        self.strength = strength
+        super().__init__(trainer, target=target, **kwargs)
+'''
+
+
+def test_a_users_attack_plugs_in_by_reference_or_entry_point(tmp_path, monkeypatch):
+    (tmp_path / "my_attack.py").write_text(USER_ATTACK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    table = {"target": 1, "clients": [0], "options": {"strength": 5}}
+    by_reference = with_attacks({**table, "method": "my_attack:EveryOther"})
+    assert by_reference.attack[0].options == {"strength": 5}
+    attack = AttackPlan.from_experiment(by_reference, 4).trainer_for(0, ClientTrainer())
+    assert type(attack).__name__ == "EveryOther" and attack.strength == 5
+
+    class EntryPoint:
+        value = "my_attack:EveryOther"
+
+        @staticmethod
+        def load():
+            import my_attack
+
+            return my_attack.EveryOther
+
+    monkeypatch.setattr("fedsim.registry.plugin_table", lambda group: {"every-other": EntryPoint()})
+    by_plugin = with_attacks({**table, "method": "every-other"})
+    assert type(AttackPlan.from_experiment(by_plugin, 4).trainer_for(0, ClientTrainer())).__name__ == "EveryOther"
+    with pytest.raises(UserError, match="options unknown key 'strenght'; did you mean 'strength'"):
+        with_attacks({**table, "method": "every-other", "options": {"strenght": 1}})
