@@ -7,6 +7,7 @@ them all up front, so a bad experiment fails before any data is loaded.
 from __future__ import annotations
 
 import inspect
+import math
 import traceback
 from typing import Any
 
@@ -153,6 +154,10 @@ def _defence_needs(experiment: Experiment, defence_cls: type, env) -> dict[str, 
         dataset, client = env.dataset(), experiment.client
         rng = np.random.default_rng(derive_seed(experiment.seed, "root-set"))
         root = rng.choice(len(dataset.y_train), min(ROOT_SET_SIZE, len(dataset.y_train)), replace=False)
+        # the paper's server takes a client's local iterations: an average client's here
+        num_clients = int(experiment.partition.params.get("num_clients", 1))
+        per_client = len(dataset.y_train) * (1 - client.local_test_fraction) / max(num_clients, 1)
+        batches_per_epoch = math.ceil(per_client / client.batch_size)
         needs["root_update"] = root_trainer(
             env.new_model,
             dataset.x_train[root],
@@ -163,6 +168,7 @@ def _defence_needs(experiment: Experiment, defence_cls: type, env) -> dict[str, 
             momentum=client.momentum,
             weight_decay=client.weight_decay,
             seed=experiment.seed,
+            steps=client.local_epochs * batches_per_epoch,
         )
     return needs
 

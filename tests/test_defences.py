@@ -30,6 +30,7 @@ from strategies.defences.norm_clipping import NormClipping
 from strategies.defences.rlr import RLR
 from strategies.defences.weak_dp import WeakDP
 from strategies.fedbn import FedBN, FedBNTrainer
+from tests.conftest import tiny_experiment
 
 NODE = 100  # node ids: NODE + client index
 
@@ -317,6 +318,54 @@ def test_root_trainer_is_seeded_by_round_and_trains():
     against = {k: 2 * start[k].numpy() - first[k].numpy() for k in first.keys()}
     defence.aggregate_train(1, [_reply(NODE, moved), _reply(NODE + 1, against)])
     assert defence.last_accepted == [NODE]
+
+
+def test_root_trainer_takes_the_clients_local_iterations_when_given_steps():
+    import torch
+
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.linear(x.flatten(1))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 2, 2)).astype(np.float32), rng.integers(0, 3, 20)
+    start = ArrayRecord(Counted().state_dict())
+    root_trainer(Counted, x, y, lr=0.1, epochs=2, batch_size=8)(start, 1)
+    assert calls == [8, 8, 4] * 2, "two passes over the root set"
+    calls.clear()
+    root_trainer(Counted, x, y, lr=0.1, epochs=2, batch_size=8, steps=7)(start, 1)
+    assert len(calls) == 7 and sum(calls) == 8 + 8 + 4 + 8 + 8 + 4 + 8, "passes repeat until 7 steps"
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        root_trainer(Counted, x, y, steps=0)
+
+
+def test_fltrusts_server_in_a_run_takes_an_average_clients_local_iterations(monkeypatch):
+    from fedsim import components
+    from strategies.defences import fltrust
+
+    seen = {}
+    monkeypatch.setattr(fltrust, "root_trainer", lambda *args, **kwargs: seen.update(kwargs) or (lambda a, r: a))
+    experiment = tiny_experiment("strategy.defence=fltrust", "client.batch_size=16", "client.local_epochs=3")
+
+    class Env:
+        new_model = None
+
+        @staticmethod
+        def dataset():
+            from fedsim.environment import experiment_dataset
+
+            return experiment_dataset(experiment)
+
+    components._defence_needs(experiment, fltrust.FLTrust, Env())
+    per_client = len(Env.dataset().y_train) * 0.8 / 4  # 4 clients, a fifth of each held out
+    assert seen["steps"] == 3 * int(np.ceil(per_client / 16))
 
 
 # -- DeepSight ----------------------------------------------------------------------------

@@ -70,9 +70,12 @@ def root_trainer(
     weight_decay: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
+    steps: int | None = None,
 ) -> RootUpdate:
     """A :data:`RootUpdate`: SGD with cross-entropy on the root set (``x``, ``y``) from the
-    global arrays, ``epochs`` passes in shuffled batches. ``model_fn()`` builds a fresh
+    global arrays, ``epochs`` passes in shuffled batches, or with ``steps`` exactly that many
+    SGD steps, reshuffling after each pass (FLTrust's server takes as many local iterations
+    as a client: a 100-example root set is two batches of 64). ``model_fn()`` builds a fresh
     torch model; keys the global arrays lack (FedBN's BatchNorm) keep its initial values.
     Shuffling and any dropout are seeded by (``seed``, round) without touching torch's
     global generator."""
@@ -87,6 +90,7 @@ def root_trainer(
     check(len(y) >= 1, "the root set (x, y) must hold at least one example")
     check(isinstance(lr, (int, float)) and lr > 0, f"lr must be > 0, got {lr!r}")
     check(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
+    check(steps is None or (isinstance(steps, int) and steps >= 1), f"steps must be an integer >= 1, got {steps!r}")
     check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an integer >= 1, got {batch_size!r}")
     check(isinstance(momentum, (int, float)) and 0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum!r}")
     check(
@@ -106,11 +110,16 @@ def root_trainer(
             optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
             generator = torch_generator(round_seed)
             xs, ys = x_root.to(where), y_root.to(where)
-            for _ in range(epochs):
+            taken, passes = 0, 0
+            while (taken < steps) if steps is not None else (passes < epochs):
+                passes += 1
                 for xb, yb in batches(xs, ys, batch_size, generator):
+                    if steps is not None and taken == steps:
+                        break
                     optimizer.zero_grad()
                     F.cross_entropy(model(xb), yb).backward()
                     optimizer.step()
+                    taken += 1
         return ArrayRecord({key: value.detach().cpu() for key, value in model.state_dict().items()})
 
     return train
