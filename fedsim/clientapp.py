@@ -14,6 +14,7 @@ training settings). It keeps its own state in the worker's :class:`~fedsim.state
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,9 +27,9 @@ from fedsim.environment import RunEnvironment
 from fedsim.faults import FAULT_KEY, act_out
 from fedsim.multimodel import PREFIX
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import classification_metrics
-from fedsim.worker import worker_for
+from fedsim.worker import Worker, worker_for
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -82,6 +83,36 @@ def reply_arrays(arrays) -> dict:
     return dict(arrays) if isinstance(arrays, dict) else {ARRAYS_KEY: arrays}
 
 
+@dataclass
+class TrainCall:
+    """One client's train message, read: who, its round config, data, trainer and state."""
+
+    message: Message
+    worker: Worker
+    client: int
+    config: RoundConfig
+    fault: str | None
+    seed: int
+    data: ClientData
+    trainer: ClientTrainer
+    received: ArrayRecord | dict[str, ArrayRecord]
+    state: dict
+
+    def reply(self, result: TrainResult) -> Message:
+        """Save the client's new state; the reply, with any fault acted out on its arrays."""
+        self.worker.state_store.save(self.client, self.config.server_round, result.state)
+        metrics = MetricRecord({**result.metrics, NUM_EXAMPLES: self.data.num_train})
+        extra = self.config.extra
+        if isinstance(result.arrays, dict):
+            arrays = {
+                name: act_out(self.fault, extra, self.received.get(name), record)
+                for name, record in result.arrays.items()
+            }
+        else:
+            arrays = act_out(self.fault, extra, self.received, result.arrays)
+        return Message(RecordDict({**reply_arrays(arrays), METRICS_KEY: metrics}), reply_to=self.message)
+
+
 def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -> ClientApp:
     """The ClientApp: train, evaluate, and a query that tells the server who this node is.
 
@@ -91,39 +122,74 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     app = ClientApp()
     environment_for = env if callable(env) else (lambda _context: env)
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
+    def prepare_train(message: Message, context: Context) -> TrainCall:
         worker = worker_for(environment_for(context))
         client = client_id(context)
         config = RoundConfig.from_config(
             only(message.content.config_records, "ConfigRecord"), client, worker.env.experiment.seed
         )
-        fault = config.extra.get(FAULT_KEY)  # an injected fault ([faults]) this client acts out
-        act_out(fault, config.extra, None, None)
-        server_round = config.server_round
-        seed = derive_seed(worker.env.experiment.seed, "train", server_round, client)
-        seed_torch_globally(seed, worker.device)  # dropout and any other global-RNG draw in the model
-        data = worker.client_data(client, server_round)
+        seed = derive_seed(worker.env.experiment.seed, "train", config.server_round, client)
         trainer = worker.trainer_for(client)
-        received = received_arrays(message.content.array_records, trainer)
-        result = trainer.train(
-            worker.model(),
-            received,
-            data,
-            config,
-            worker.state_store.load(client, server_round - 1),
-            torch_generator(seed),
-            worker.device,
+        return TrainCall(
+            message=message,
+            worker=worker,
+            client=client,
+            config=config,
+            fault=config.extra.get(FAULT_KEY),  # an injected fault ([faults]) this client acts out
+            seed=seed,
+            data=worker.client_data(client, config.server_round),
+            trainer=trainer,
+            received=received_arrays(message.content.array_records, trainer),
+            state=worker.state_store.load(client, config.server_round - 1),
         )
-        worker.state_store.save(client, server_round, result.state)
-        metrics = MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})
-        if isinstance(result.arrays, dict):
-            arrays = {
-                name: act_out(fault, config.extra, received.get(name), record) for name, record in result.arrays.items()
-            }
-        else:
-            arrays = act_out(fault, config.extra, received, result.arrays)
-        return Message(RecordDict({**reply_arrays(arrays), METRICS_KEY: metrics}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        call = prepare_train(message, context)
+        act_out(call.fault, call.config.extra, None, None)
+        worker = call.worker
+        seed_torch_globally(call.seed, worker.device)  # dropout and any other global-RNG draw in the model
+        result = call.trainer.train(
+            worker.model(), call.received, call.data, call.config, call.state, torch_generator(call.seed), worker.device
+        )
+        return call.reply(result)
+
+    def train_many(messages: list[Message], contexts: list[Context]) -> list[Message]:
+        """Train messages for many clients, up to ``[engine] vectorize`` of them at once
+        (:mod:`fedsim.vectorize`): the same replies as :func:`train` one after another, to
+        float rounding. Clients that cannot be trained together (an attacker, a fault to
+        act out, a trainer or model the vectorised loop does not reproduce) take
+        :func:`train` alone; their replies keep their places."""
+        from fedsim.vectorize import train_clients
+
+        replies: list[Message | None] = [None] * len(messages)
+        together: list[tuple[int, TrainCall]] = []
+        for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
+            call = prepare_train(message, context)
+            if call.fault is None and call.worker.trains_together(call.trainer, call.received):
+                together.append((index, call))
+            else:
+                replies[index] = train(message, context)
+        if together:
+            worker = together[0][1].worker
+            size = worker.vectorize
+            for start in range(0, len(together), size):
+                chunk = together[start : start + size]
+                results = train_clients(
+                    worker.trainer,
+                    worker.model(),
+                    [call.received for _, call in chunk],
+                    [call.data for _, call in chunk],
+                    [call.config for _, call in chunk],
+                    [call.state for _, call in chunk],
+                    [torch_generator(call.seed) for _, call in chunk],
+                    worker.device,
+                )
+                for (index, call), result in zip(chunk, results, strict=True):
+                    replies[index] = call.reply(result)
+        return replies
+
+    app.train_many = train_many  # for fedsim's engines (fedsim.engine.tasks.run_tasks); Flower ignores it
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

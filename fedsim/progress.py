@@ -39,6 +39,12 @@ def warn(message: str) -> None:
     print(f"warning: {where}{message}", file=sys.stderr, flush=True)
 
 
+def note(message: str) -> None:
+    """A choice fedsim made for the user (not a problem), on stderr."""
+    where = f"{_LABELS[-1]}: " if _LABELS else ""
+    print(f"note: {where}{message}", file=sys.stderr, flush=True)
+
+
 def evaluates_after(experiment: Experiment, server_round: int) -> bool:
     """Whether a round ends with an evaluation: every ``evaluate_every`` rounds and after
     the last, never if it is 0 (as :meth:`fedsim.serverapp.Federation.evaluates_after`)."""

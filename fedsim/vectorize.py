@@ -1,11 +1,18 @@
 """Vectorised clients: K clients' local training at once on one device (issue 16).
 
-PyTorch's model-ensembling recipe: the K clients' parameters and buffers are stacked
-along a new leading dimension, and one ``vmap`` of ``functional_call`` under
-``torch.func.grad_and_value`` runs every client's forward and backward on its own
-minibatch. The optimisers are functional and stacked too, so that each client takes
-exactly the steps :meth:`fedsim.trainer.ClientTrainer.fit` would take alone (up to
-floating-point rounding: the tests pin 1e-5):
+The K clients' parameters and buffers are stacked along a new leading dimension, and
+every step runs every client's forward and backward on its own minibatch, in one of two
+engines:
+
+* "stacked" (:mod:`fedsim.stacked`, the default where the model allows it): the model
+  traced with torch.fx and run layer by layer on stacked weights with plain autograd,
+  one backward for all clients, then torch.optim's fused SGD or Adam kernel on the
+  stacks (their single-tensor update written out when settings differ per client);
+* "vmap" (any model): PyTorch's model-ensembling recipe, one ``vmap`` of
+  ``functional_call`` under ``torch.func.grad_and_value``, with functional optimisers.
+
+Either way each client takes exactly the steps :meth:`fedsim.trainer.ClientTrainer.fit`
+would take alone (up to floating-point rounding: the tests pin 1e-5):
 
 * each client's batches are :func:`fedsim.training.batches` drawn from its own
   generator, epoch after epoch, as the sequential loop draws them (so the generators end
@@ -55,11 +62,12 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 from torch.nn import functional as F
 
 from fedsim.data import ClientData
 from fedsim.errors import UserError
+from fedsim.stacked import Plan, Unsupported, call, client_norm, client_view, module_paths, plan_for
 from fedsim.trainer import ClientState, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import batches
 from strategies.fedwon import AGC_EPS, AGC_LAMBDA, FedWonTrainer, classifier, unitwise_norm
@@ -253,6 +261,7 @@ class _Step:
         clipped: list[str] | None,
     ) -> None:
         self.model = model
+        self.paths = module_paths(model)
         self.trainable = trainable
         self.optimizer = optimizer
         self.momentum = momentum
@@ -262,7 +271,7 @@ class _Step:
     def loss(self, params, others, anchor, hyper, x, y, mask):
         # fresh copies: BatchNorm updates its running statistics in place, per client
         others = {name: value.clone() for name, value in others.items()}
-        logits = functional_call(self.model, {**params, **others}, (x,))
+        logits = call(self.model, {**params, **others}, x, self.paths)
         if mask is None:
             loss = F.cross_entropy(logits, y)
         else:
@@ -340,6 +349,8 @@ def fit_clients(
     generators: Sequence[torch.Generator],
     device: torch.device | str,
     trainer: ClientTrainer | None = None,
+    *,
+    engine: str = "auto",
 ) -> list[ClientFit]:
     """Train K clients at once: client k starts from ``states[k]`` (a full state dict of
     ``model``, which only gives the architecture), trains on ``data[k]`` with
@@ -351,7 +362,13 @@ def fit_clients(
     threshold may differ per client. Raises ValueError for a trainer that
     :func:`vectorizable` refuses. The model is left in train mode, as ``fit`` leaves it;
     its own parameters are not changed.
+
+    ``engine``: "stacked" runs :mod:`fedsim.stacked`'s forward with plain autograd (a
+    ValueError for a model it does not support), "vmap" vmaps ``functional_call``
+    (any model), "auto" (the default) the first where the model allows it.
     """
+    if engine not in ("auto", "stacked", "vmap"):
+        raise ValueError(f"engine must be 'auto', 'stacked' or 'vmap', not {engine!r}")
     trainer = ClientTrainer() if trainer is None else trainer
     ok, reason = vectorizable(trainer)
     if not ok:
@@ -375,6 +392,96 @@ def fit_clients(
     trainable, frozen, buffer_names, alias = _aliases(model)
     params = _stack_states(model, states, trainable, device)
     others = _stack_states(model, states, frozen + buffer_names, device)
+    head = {id(parameter) for parameter in classifier(model).parameters()}
+    named = dict(model.named_parameters())
+    clipped = [name for name in trainable if id(named[name]) not in head] if fedwon else None
+
+    xs = [torch.as_tensor(client.x_train) for client in data]
+    ys = [torch.as_tensor(client.y_train) for client in data]
+    offsets = [0]
+    for y in ys[:-1]:
+        offsets.append(offsets[-1] + len(y))
+    x_all = torch.cat(xs).to(device)
+    y_all = torch.cat(ys).to(device)
+    schedules = _schedules(data, configs, generators, offsets, skip_single=has_bn1d)
+
+    plan = None
+    if engine != "vmap":
+        try:
+            batch = max(min(config.batch_size, client.num_train) for config, client in zip(configs, data))
+            plan = plan_for(model, tuple(x_all.shape[1:]), x_all.dtype, device, max(batch, 1))
+        except Unsupported as error:
+            if engine == "stacked":
+                raise ValueError(f"cannot stack {type(model).__name__}'s layers: {error}") from error
+    run = _run_stacked if plan is not None else _run_vmap
+    params, others, records = run(
+        model if plan is None else plan,
+        params,
+        others,
+        configs,
+        optimizer,
+        trainable,
+        clipped,
+        clip_lambdas,
+        schedules,
+        has_bn,
+        x_all,
+        y_all,
+    )
+
+    total = [0.0] * count
+    seen = [0] * count
+    for clients, sizes, losses in records:
+        for client, size, loss in zip(clients, sizes, losses.cpu().tolist(), strict=True):
+            total[client] += float(loss) * size
+            seen[client] += size
+
+    stacked = {name: value.detach().cpu().unbind(0) for name, value in {**params, **others}.items()}
+    keys = list(model.state_dict().keys())
+    results = []
+    for client in range(count):
+        state = {key: stacked[alias[key]][client].clone() for key in keys}
+        metrics = {"train_loss": total[client] / max(seen[client], 1)}
+        if fedwon:
+            metrics[AGC_LAMBDA] = clip_lambdas[client]
+        results.append(ClientFit(state, metrics))
+    return results
+
+
+Records = list[tuple[list[int], list[int], torch.Tensor]]  # per step and group: clients, batch sizes, losses
+
+
+def _rows(group: _Group, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The group's batches as rows of the concatenated data, (clients, width), padded with
+    row 0 to the largest batch, and the mask of real samples (None when none is padded)."""
+    sizes = group.sizes
+    width = max(sizes)
+    if min(sizes) == width:
+        return torch.stack(group.indices).to(device), None
+    rows = torch.zeros(len(group.clients), width, dtype=torch.long)
+    for row, index in enumerate(group.indices):
+        rows[row, : len(index)] = index
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    return rows.to(device), mask.to(device)
+
+
+def _run_vmap(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    others: dict[str, torch.Tensor],
+    configs: list[RoundConfig],
+    optimizer: str,
+    trainable: list[str],
+    clipped: list[str] | None,
+    clip_lambdas: list[float] | None,
+    schedules: list[list[torch.Tensor]],
+    has_bn: bool,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Records]:
+    """Every step one vmap of :class:`_Step` over the clients (per batch-size group)."""
+    count = len(configs)
+    device = x_all.device
     mus = [config.proximal_mu for config in configs]
     proximal = any(mu > 0 for mu in mus)
     anchor = {name: value.clone() for name, value in params.items()} if proximal else {}
@@ -401,31 +508,14 @@ def fit_clients(
     steps_taken = torch.zeros(count, dtype=torch.float64, device=device)
     adam_lr = torch.tensor([config.lr for config in configs], dtype=torch.float64, device=device)
 
-    head = {id(parameter) for parameter in classifier(model).parameters()}
-    named = dict(model.named_parameters())
-    clipped = [name for name in trainable if id(named[name]) not in head] if fedwon else None
     step_fn = _Step(model, trainable, optimizer, momentum, proximal, clipped)
     batched = vmap(step_fn, in_dims=(0, 0, 0, 0, 0, 0, 0, 0), randomness="different")
     batched_unmasked = vmap(step_fn, in_dims=(0, 0, 0, 0, 0, 0, 0, None), randomness="different")
 
-    xs = [torch.as_tensor(client.x_train) for client in data]
-    ys = [torch.as_tensor(client.y_train) for client in data]
-    offsets = [0]
-    for y in ys[:-1]:
-        offsets.append(offsets[-1] + len(y))
-    x_all = torch.cat(xs).to(device)
-    y_all = torch.cat(ys).to(device)
-    schedules = _schedules(data, configs, generators, offsets, skip_single=has_bn1d)
-
-    records: list[tuple[list[int], list[int], torch.Tensor]] = []
+    records: Records = []
     for step in range(max(len(steps) for steps in schedules)):
         for group in _groups(schedules, step, by_size=has_bn):
-            sizes = group.sizes
-            width = max(sizes)
-            rows = torch.zeros(len(group.clients), width, dtype=torch.long)
-            for row, index in enumerate(group.indices):
-                rows[row, : len(index)] = index
-            rows = rows.to(device)
+            rows, mask = _rows(group, device)
             xb, yb = x_all[rows], y_all[rows]
             if len(group.clients) == count:
                 index = None
@@ -438,11 +528,10 @@ def fit_clients(
                 part_hyper["step_size"] = (lr64 / (1 - ADAM_BETAS[0] ** taken)).to(dtype)
                 part_hyper["bias_correction2_sqrt"] = ((1 - ADAM_BETAS[1] ** taken) ** 0.5).to(dtype)
             state = (_select(params, index), _select(others, index), _select(slots, index), _select(anchor, index))
-            if min(sizes) == width:
+            if mask is None:
                 new_params, new_others, new_slots, loss = batched_unmasked(*state, part_hyper, xb, yb, None)
             else:
-                mask = torch.arange(width).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
-                new_params, new_others, new_slots, loss = batched(*state, part_hyper, xb, yb, mask.to(device))
+                new_params, new_others, new_slots, loss = batched(*state, part_hyper, xb, yb, mask)
             if index is None:
                 params, others, slots = new_params, new_others, new_slots
                 steps_taken = steps_taken + 1
@@ -451,25 +540,238 @@ def fit_clients(
                 _scatter(others, new_others, index)
                 _scatter(slots, new_slots, index)
                 steps_taken.index_add_(0, index, torch.ones(len(group.clients), dtype=torch.float64, device=device))
-            records.append((group.clients, sizes, loss.detach()))
+            records.append((group.clients, group.sizes, loss.detach()))
+    return params, others, records
 
-    total = [0.0] * count
-    seen = [0] * count
-    for clients, sizes, losses in records:
-        for client, size, loss in zip(clients, sizes, losses.cpu().tolist(), strict=True):
-            total[client] += float(loss) * size
-            seen[client] += size
 
-    stacked = {**params, **others}
-    keys = list(model.state_dict().keys())
-    results = []
-    for client in range(count):
-        state = {key: stacked[alias[key]][client].detach().cpu().clone() for key in keys}
-        metrics = {"train_loss": total[client] / max(seen[client], 1)}
-        if fedwon:
-            metrics[AGC_LAMBDA] = clip_lambdas[client]
-        results.append(ClientFit(state, metrics))
-    return results
+def _setting(values: list[float], dtype: torch.dtype, device: torch.device) -> float | torch.Tensor:
+    """A setting every client shares as a Python number (so that the update is
+    torch.optim's, operation for operation), else one value per client, (K,)."""
+    if all(value == values[0] for value in values):
+        return float(values[0])
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _part(value: float | torch.Tensor, index: torch.Tensor | None) -> float | torch.Tensor:
+    if index is None or not isinstance(value, torch.Tensor):
+        return value
+    return value.index_select(0, index)
+
+
+def _run_stacked(
+    plan: Plan,
+    params: dict[str, torch.Tensor],
+    others: dict[str, torch.Tensor],
+    configs: list[RoundConfig],
+    optimizer: str,
+    trainable: list[str],
+    clipped: list[str] | None,
+    clip_lambdas: list[float] | None,
+    schedules: list[list[torch.Tensor]],
+    has_bn: bool,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Records]:
+    """Every step one stacked forward (:class:`fedsim.stacked.Plan`) and one backward for
+    all clients of a group, then torch.optim's SGD or Adam update on the stacks, in
+    place (:func:`_sgd`, :func:`_adam`). A step that involves only some clients works on
+    copies of their rows and writes them back."""
+    count = len(configs)
+    device = x_all.device
+    dtype = next((value.dtype for value in params.values() if value.is_floating_point()), torch.float32)
+    lr = _setting([config.lr for config in configs], dtype, device)
+    lr64 = torch.tensor([config.lr for config in configs], dtype=torch.float64, device=device)
+    weight_decay = _setting([config.weight_decay for config in configs], dtype, device)
+    momentum = _setting([config.momentum for config in configs], dtype, device)
+    uses_momentum = optimizer == "sgd" and any(config.momentum != 0 for config in configs)
+    mus = [config.proximal_mu for config in configs]
+    proximal = any(mu > 0 for mu in mus)
+    mu = torch.tensor(mus, dtype=dtype, device=device)
+    clip = torch.tensor(clip_lambdas, dtype=dtype, device=device) if clipped is not None else None
+    anchor = {name: params[name].clone() for name in trainable} if proximal else {}
+    if optimizer == "adam":
+        slots = {
+            "exp_avg": {name: torch.zeros_like(params[name]) for name in trainable},
+            "exp_avg_sq": {name: torch.zeros_like(params[name]) for name in trainable},
+        }
+    elif uses_momentum:  # every client's first step is step 0, which sets the buffer
+        slots = {"momentum_buffer": {name: torch.empty_like(params[name]) for name in trainable}}
+    else:
+        slots = {}
+    for name in trainable:
+        params[name].requires_grad_(True)
+
+    workspace: dict = {}  # gradient buffers of large layers, reused every step
+    records: Records = []
+    for step in range(max(len(steps) for steps in schedules)):
+        for group in _groups(schedules, step, by_size=has_bn):
+            clients = len(group.clients)
+            rows, mask = _rows(group, device)
+            flat = rows.reshape(-1)
+            xb, yb = x_all.index_select(0, flat), y_all.index_select(0, flat)
+            if clients == count:
+                index = None
+                own, values, own_slots, own_anchor = params, {**params, **others}, slots, anchor
+            else:
+                index = torch.tensor(group.clients, dtype=torch.long, device=device)
+                own = {name: params[name].detach().index_select(0, index).requires_grad_(True) for name in trainable}
+                part_others = _select(others, index)
+                values = {**own, **part_others}
+                own_slots, own_anchor = _select(slots, index), _select(anchor, index)
+            with torch.enable_grad():
+                logits = plan(values, xb, clients, workspace=workspace)
+                losses = F.cross_entropy(logits, yb, reduction="none").view(clients, -1)
+                if mask is None:
+                    loss = losses.mean(dim=1)
+                else:
+                    weights = mask.to(losses.dtype)
+                    loss = (losses * weights).sum(dim=1) / weights.sum(dim=1)
+                if proximal:
+                    drift = sum((own[name] - own_anchor[name]).pow(2).flatten(1).sum(dim=1) for name in trainable)
+                    loss = loss + _part(mu, index) / 2 * drift
+                leaves = [own[name] for name in trainable]
+                grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True) if leaves else []
+            with torch.no_grad():
+                grads = _own_gradients(leaves, grads)
+                if clipped is not None:
+                    grads = _clip(trainable, clipped, leaves, grads, _part(clip, index))
+                settings = (_part(lr, index), _part(weight_decay, index))
+                if optimizer == "adam":
+                    _adam(leaves, grads, own_slots, trainable, step + 1, *settings, _part(lr64, index))
+                else:
+                    first = step == 0
+                    _sgd(leaves, grads, own_slots, trainable, *settings, _part(momentum, index), uses_momentum, first)
+                if index is not None:
+                    _scatter(params, {name: own[name] for name in trainable}, index)
+                    _scatter(others, part_others, index)
+                    _scatter(slots, own_slots, index)
+            records.append((group.clients, group.sizes, loss.detach()))
+    for name in trainable:
+        params[name] = params[name].detach()
+    return params, others, records
+
+
+def _own_gradients(leaves: list[torch.Tensor], grads) -> list[torch.Tensor]:
+    """Each leaf's gradient as a contiguous tensor of its own (autograd may hand two
+    leaves one tensor, and the fused optimisers may write into gradients); zeros for a
+    leaf the loss does not use."""
+    out, seen = [], set()
+    for leaf, grad in zip(leaves, grads, strict=True):
+        if grad is None:
+            grad = torch.zeros_like(leaf)
+        elif id(grad) in seen:
+            grad = grad.clone()
+        grad = grad.contiguous()
+        seen.add(id(grad))
+        out.append(grad)
+    return out
+
+
+def _times(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    return value if not isinstance(value, torch.Tensor) else client_view(value, like)
+
+
+def _clip(trainable, clipped, leaves, grads, clip_lambda: torch.Tensor) -> list[torch.Tensor]:
+    """strategies.fedwon.adaptive_clip_, per client, on the stacked gradients."""
+    chosen = set(clipped)
+    out = []
+    for name, param, grad in zip(trainable, leaves, grads, strict=True):
+        if name in chosen:
+            max_norm = client_view(clip_lambda, param) * client_norm(param).clamp_min(AGC_EPS)
+            grad_norm = client_norm(grad)
+            scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-12), torch.ones_like(grad_norm))
+            grad = grad * scale
+        out.append(grad)
+    return out
+
+
+# Device types with torch's fused optimiser kernels (one pass over each stack instead of
+# four or five): used when every client of a step shares the settings.
+FUSED_OPTIMIZER_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def _fused(leaves, *settings) -> bool:
+    return (
+        hasattr(torch, "_fused_sgd_")  # private ops (torch 2.x): without them, the written-out update
+        and hasattr(torch, "_fused_adam_")
+        and all(not isinstance(value, torch.Tensor) for value in settings)
+        and all(leaf.device.type in FUSED_OPTIMIZER_DEVICES and leaf.is_floating_point() for leaf in leaves)
+        and len({leaf.device for leaf in leaves}) <= 1
+    )
+
+
+def _sgd(leaves, grads, slots, trainable, lr, weight_decay, momentum, uses_momentum: bool, first: bool) -> None:
+    """torch.optim.SGD's step (no dampening, no Nesterov), on stacks: its fused kernel, or
+    its single-tensor one written out when the settings differ per client. The first
+    step (``first``) sets the momentum buffer to the gradient, as SGD's first step does."""
+    if _fused(leaves, lr, weight_decay, momentum):
+        torch._fused_sgd_(
+            leaves,
+            list(grads),
+            [slots["momentum_buffer"][name] for name in trainable] if uses_momentum else [],
+            weight_decay=weight_decay,
+            momentum=momentum if uses_momentum else 0.0,
+            lr=lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=first,
+        )
+        return
+    for name, param, grad in zip(trainable, leaves, grads, strict=True):
+        if isinstance(weight_decay, torch.Tensor):
+            grad = torch.addcmul(grad, param, client_view(weight_decay, param))
+        elif weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if uses_momentum:
+            buffer = slots["momentum_buffer"][name]
+            # a client without momentum: buffer = 0 * gradient + gradient, the gradient
+            grad = buffer.copy_(grad) if first else buffer.mul_(_times(momentum, param)).add_(grad)
+        if isinstance(lr, torch.Tensor):
+            param.addcmul_(grad, client_view(lr, param), value=-1)
+        else:
+            param.add_(grad, alpha=-lr)
+
+
+def _adam(leaves, grads, slots, trainable, step: int, lr, weight_decay, lr64: torch.Tensor) -> None:
+    """torch.optim.Adam's step (betas 0.9, 0.999, eps 1e-8, L2 weight decay, no amsgrad),
+    on stacks: its fused kernel, or its single-tensor one written out when the settings
+    differ per client. Every client of a step has taken as many steps before."""
+    beta1, beta2 = ADAM_BETAS
+    if _fused(leaves, lr, weight_decay):
+        count = torch.tensor(float(step), device=leaves[0].device) if leaves else None
+        torch._fused_adam_(
+            leaves,
+            list(grads),
+            [slots["exp_avg"][name] for name in trainable],
+            [slots["exp_avg_sq"][name] for name in trainable],
+            [],
+            [count] * len(leaves),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=ADAM_EPS,
+            amsgrad=False,
+            maximize=False,
+        )
+        return
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    for name, param, grad in zip(trainable, leaves, grads, strict=True):
+        if isinstance(weight_decay, torch.Tensor):
+            grad = torch.addcmul(grad, param, client_view(weight_decay, param))
+        elif weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg, exp_avg_sq = slots["exp_avg"][name], slots["exp_avg_sq"][name]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+        if isinstance(lr, torch.Tensor):
+            step_size = (lr64 / bias_correction1).to(param.dtype)
+            param.addcmul_(exp_avg / denom, client_view(step_size, param), value=-1)
+        else:
+            param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
 def train_clients(

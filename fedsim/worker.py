@@ -13,6 +13,7 @@ own runtime.
 
 from __future__ import annotations
 
+import functools
 import gc
 
 from torch import nn
@@ -21,6 +22,7 @@ from fedsim.attacks.plan import AttackPlan
 from fedsim.data import ClientData, Dataset
 from fedsim.data.dataset import local_split, view_samples
 from fedsim.environment import RunEnvironment
+from fedsim.progress import note, warn
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
@@ -46,6 +48,49 @@ class Worker:
         self.attacks = AttackPlan.from_experiment(env.experiment, self.partition.num_clients)
         self._views: dict[tuple[int, int], ClientData] = {}
         self._model: nn.Module | None = None
+
+    # -- vectorised clients ([engine] vectorize, fedsim.vectorize) -------------------------
+    @functools.cached_property
+    def vectorize(self) -> int:
+        """How many clients this worker trains at once: ``[engine] vectorize`` (1: one at a
+        time), or for ``"auto"`` the most that the memory estimate fits on the device."""
+        wanted = self.env.experiment.engine.params.get("vectorize", 1)
+        if wanted != "auto":
+            return int(wanted)
+        from fedsim.vectorize import available_bytes, choose_k, estimate_bytes_per_client
+
+        batch_size = self.env.experiment.client.batch_size
+        shape = self.dataset.input_shape
+        chosen = choose_k(self.model(), batch_size, shape, self.device, max_k=self.partition.num_clients)
+        per_client = estimate_bytes_per_client(self.model(), batch_size, shape)
+        note(
+            f"[engine] vectorize = 'auto': {chosen} clients at once on {self.device} "
+            f"({per_client / 2**20:.1f} MiB each by the memory estimate, {available_bytes(self.device) / 2**20:.0f} MiB "
+            "available)"
+        )
+        return chosen
+
+    @functools.cached_property
+    def _why_not_vectorised(self) -> str | None:
+        """Why the strategy's clients cannot train together (None: they can), said once."""
+        from fedsim.vectorize import vectorizable
+
+        ok, reason = vectorizable(self.trainer)
+        if ok and any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self.model().modules()):
+            ok, reason = False, "the model draws dropout masks from the global generator"
+        if not ok:
+            warn(f"[engine] vectorize: clients train one at a time: {reason}")
+        return None if ok else reason
+
+    def trains_together(self, trainer: ClientTrainer, received) -> bool:
+        """Whether a client with this trainer and these arrays can join a vectorised group:
+        the strategy's own trainer (an attacker's is not), one model, a vectorisable trainer."""
+        return (
+            self.vectorize > 1
+            and trainer is self.trainer
+            and not isinstance(received, dict)
+            and self._why_not_vectorised is None
+        )
 
     def trainer_for(self, client: int) -> ClientTrainer:
         """What ``client`` runs: the strategy's trainer, or, for a client an ``[[attack]]``

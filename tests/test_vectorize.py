@@ -10,11 +10,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
+from torch.nn import functional as F
 
+from fedsim import stacked
 from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import batchnorm_keys
+from fedsim.stacked import Unsupported, build_plan, max_pool_2x2, plan_for
 from fedsim.trainer import ClientTrainer, RoundConfig
 from fedsim.vectorize import (
     choose_k,
@@ -31,6 +34,7 @@ ATOL = 1e-5  # float32 parameters after a few dozen steps: rounding differs, ste
 RTOL = 1e-5
 ATOL64 = 1e-10  # the same in float64: the steps are the same, up to rounding
 CPU = torch.device("cpu")
+ENGINES = ["stacked", "vmap"]  # fit_clients' two paths; "auto" takes the first the model allows
 
 
 @pytest.fixture(autouse=True)
@@ -71,13 +75,13 @@ def sequential(trainer, model, start, data, config, seed):
     return own.state_dict(), metrics, generator
 
 
-def assert_same(trainer, model, starts, datas, configs, seeds=None, atol=ATOL):
+def assert_same(trainer, model, starts, datas, configs, seeds=None, atol=ATOL, engine="auto"):
     """Vectorised and sequential fits agree per client: every state entry, the metrics,
     and the generator's state afterwards."""
     configs = configs if isinstance(configs, list) else [configs] * len(starts)
     seeds = seeds or list(range(len(starts)))
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    fits = fit_clients(model, starts, datas, configs, generators, CPU, trainer)
+    fits = fit_clients(model, starts, datas, configs, generators, CPU, trainer, engine=engine)
     assert len(fits) == len(starts)
     worst = 0.0
     for client, fit in enumerate(fits):
@@ -107,27 +111,30 @@ def moved(fits, starts) -> None:
         assert any(not torch.equal(fit.state[key], start[key]) for key in start)
 
 
-def test_fedavg_sgd_momentum_weight_decay_equal_sizes():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fedavg_sgd_momentum_weight_decay_equal_sizes(engine):
     model = build_model("lenet", (1, 8, 8), 4)
     starts = [model.state_dict()] * 3
     datas = [client_data(24, (1, 8, 8), 4, seed) for seed in range(3)]
     config = RoundConfig(batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config)
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, engine=engine)
     moved(fits, starts)
     # the three clients saw different data, so they differ
     assert not torch.equal(fits[0].state["head.weight"], fits[1].state["head.weight"])
 
 
-def test_adam_with_weight_decay_and_epochs():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_adam_with_weight_decay_and_epochs(engine):
     model = build_model("mlp", (1, 8, 8), 5, hidden=(16,))
     starts = [perturbed_state(model, seed) for seed in range(3)]
     datas = [client_data(20, (1, 8, 8), 5, 10 + seed) for seed in range(3)]
     config = RoundConfig(batch_size=8, lr=0.01, weight_decay=1e-2, optimizer="adam", local_epochs=2)
-    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config)
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, engine=engine)
     moved(fits, starts)
 
 
-def test_fedprox_per_client_settings():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fedprox_per_client_settings(engine):
     """FedProx's mu, and learning rate, momentum, batch size and epochs that differ per client."""
     model = build_model("mlp", (6,), 3, hidden=(8, 8))
     starts = [perturbed_state(model, seed) for seed in range(3)]
@@ -138,7 +145,7 @@ def test_fedprox_per_client_settings():
         replace(base, batch_size=5, lr=0.03, momentum=0.0, local_epochs=3, extra={"proximal-mu": 0.1}),
         replace(base, batch_size=4, momentum=0.9, local_epochs=2),
     ]
-    fits, _ = assert_same(ClientTrainer(), model, starts, datas, configs)
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, configs, engine=engine)
     moved(fits, starts)
 
 
@@ -156,8 +163,9 @@ def test_frozen_parameters_stay():
     moved(fits, starts)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_unequal_sizes_padded_and_masked(dtype):
+def test_unequal_sizes_padded_and_masked(dtype, engine):
     """Clients with fewer batches stop; last batches of different sizes are padded."""
     model = build_model("lenet", (1, 8, 8), 3, channels=(3, 4), hidden=(10, 8)).to(dtype)
     sizes = (23, 8, 13, 1, 0)  # 3 batches (last of 7), 1 full, 2 (last of 5), 1 of one, none
@@ -166,30 +174,34 @@ def test_unequal_sizes_padded_and_masked(dtype):
     datas = [client_data(n, (1, 8, 8), 3, 20 + seed, numpy_dtype) for seed, n in enumerate(sizes)]
     config = RoundConfig(batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3, local_epochs=2)
     atol = ATOL if dtype == torch.float32 else ATOL64
-    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, atol=atol)
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, atol=atol, engine=engine)
     moved(fits[:4], starts[:4])
     assert all(torch.equal(fits[4].state[key], starts[4][key]) for key in starts[4])
     assert fits[4].metrics["train_loss"] == 0.0
 
 
-def test_fedwon_adaptive_gradient_clipping():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fedwon_adaptive_gradient_clipping(engine):
     """AGC on every parameter but the head (WSConv gains, skip gains, biases), per client
-    threshold; a small threshold so that clipping happens."""
-    model = build_model("resnet", (3, 8, 8), 4, norm="none", width=4)
+    threshold; a small threshold so that clipping happens. In float64: in float32 a
+    rounding difference can flip one unit's clip-or-not decision (about once in 50 runs,
+    on either engine), which then moves the weights by 4e-5."""
+    model = build_model("resnet", (3, 8, 8), 4, norm="none", width=4).double()
     starts = [perturbed_state(model, seed) for seed in range(3)]
-    datas = [client_data(n, (3, 8, 8), 4, 30 + seed) for seed, n in enumerate((16, 12, 7))]
+    datas = [client_data(n, (3, 8, 8), 4, 30 + seed, np.float64) for seed, n in enumerate((16, 12, 7))]
     configs = [
         RoundConfig(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4, extra={AGC_LAMBDA: value})
         for value in (0.01, 0.05, 0.32)
     ]
-    fits, _ = assert_same(FedWonTrainer(), model, starts, datas, configs)
+    fits, _ = assert_same(FedWonTrainer(), model, starts, datas, configs, atol=ATOL64, engine=engine)
     assert [fit.metrics[AGC_LAMBDA] for fit in fits] == [0.01, 0.05, 0.32]
     moved(fits, starts)
     with pytest.raises(ValueError, match="agc-lambda"):
         fit_clients(model, starts, datas, RoundConfig(), [torch.Generator()] * 3, CPU, FedWonTrainer())
 
 
-def test_fedbn_own_batchnorm_and_running_stats():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fedbn_own_batchnorm_and_running_stats(engine):
     """Each client starts from its own BatchNorm layers and ends with its own running
     statistics; unequal last batches are grouped by size."""
     model = build_model("resnet", (3, 8, 8), 4, norm="bn", width=4)
@@ -201,7 +213,7 @@ def test_fedbn_own_batchnorm_and_running_stats():
         starts.append({key: own[key] if key in local else global_state[key] for key in global_state})
     datas = [client_data(n, (3, 8, 8), 4, 40 + seed) for seed, n in enumerate((20, 11, 16))]
     config = RoundConfig(batch_size=8, lr=0.05, momentum=0.9, local_epochs=2)
-    fits, _ = assert_same(FedBNTrainer(), model, starts, datas, config)
+    fits, _ = assert_same(FedBNTrainer(), model, starts, datas, config, engine=engine)
     tracked = [key for key in global_state if key.endswith("num_batches_tracked")]
     # 2 epochs of 3, 2 and 2 batches
     assert [int(fit.state[tracked[0]]) - int(start[tracked[0]]) for fit, start in zip(fits, starts)] == [6, 4, 4]
@@ -209,7 +221,8 @@ def test_fedbn_own_batchnorm_and_running_stats():
     assert not torch.equal(fits[0].state[means[0]], fits[1].state[means[0]])
 
 
-def test_batchnorm1d_skips_single_sample_batches():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batchnorm1d_skips_single_sample_batches(engine):
     """DigitCNN has BatchNorm1d: a trailing batch of one sample is skipped, as fit does.
 
     In float64: BatchNorm over a batch of two, the second client's last, amplifies the
@@ -218,7 +231,7 @@ def test_batchnorm1d_skips_single_sample_batches():
     starts = [model.state_dict()] * 2
     datas = [client_data(n, (1, 8, 8), 3, 50 + seed, np.float64) for seed, n in enumerate((9, 6))]  # 4+4+1, 4+2
     config = RoundConfig(batch_size=4, lr=0.02, momentum=0.9)
-    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, atol=ATOL64)
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, atol=ATOL64, engine=engine)
     assert int(fits[0].state["features.1.num_batches_tracked"]) == 2
     with pytest.raises(UserError, match="batch_size = 1"):
         fit_clients(model, starts, datas, replace(config, batch_size=1), [torch.Generator()] * 2, CPU)
@@ -315,3 +328,192 @@ def test_choose_k_respects_memory_limit():
     assert choose_k(model, 32, (1, 28, 28), CPU, limit=10) == 1  # never fewer than one client
     assert choose_k(model, 32, (1, 28, 28), CPU, limit=100 * per_client, max_k=7) == 7
     assert choose_k(model, 32, (1, 28, 28), CPU) >= 1  # the host's MemAvailable
+
+
+# The stacked path (fedsim.stacked): its layouts, its pieces, and what it refuses.
+
+
+@pytest.fixture(params=["cpu", "folded", "per-client"])
+def layout(request, monkeypatch):
+    """How the stacked layers run: as on the CPU (per client where activations are large,
+    max_pool_2x2), as on a GPU (folded: one grouped convolution, one batch_norm for all
+    clients, max_pool2d), or every layer that can, per client."""
+    if request.param == "folded":
+        monkeypatch.setattr(stacked, "PER_CLIENT_DEVICES", frozenset())
+        monkeypatch.setattr(stacked, "FAST_POOL_DEVICES", frozenset())
+    elif request.param == "per-client":
+        monkeypatch.setattr(stacked, "PER_CLIENT_CONV", 0)
+        monkeypatch.setattr(stacked, "PER_CLIENT_ACTIVATION", 0)
+    return request.param
+
+
+def test_stacked_layouts_lenet_unequal_sizes_epochs(layout):
+    """Convolutions, ReLU fused into 2x2 max-pooling, Linear; padded last batches, clients
+    that stop early, per-client weight decay (the unfused SGD)."""
+    model = build_model("lenet", (1, 8, 8), 3, channels=(3, 4), hidden=(10, 8))
+    sizes = (23, 8, 13, 5)
+    starts = [perturbed_state(model, seed) for seed in range(len(sizes))]
+    datas = [client_data(n, (1, 8, 8), 3, 70 + seed) for seed, n in enumerate(sizes)]
+    base = RoundConfig(batch_size=8, lr=0.1, momentum=0.9, local_epochs=2)
+    configs = [replace(base, weight_decay=wd) for wd in (0.0, 1e-3, 1e-2, 1e-3)]
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, configs, engine="stacked")
+    moved(fits, starts)
+
+
+def test_stacked_layouts_batchnorm_running_stats(layout):
+    """BatchNorm2d and BatchNorm1d per client (or as K * C channels of one batch_norm):
+    batch statistics, running mean and unbiased running variance, num_batches_tracked,
+    batches grouped by size; FedProx on top. Float64, as BatchNorm over a batch of two
+    amplifies float32 rounding."""
+    model = build_model("digitcnn", (1, 8, 8), 3, norm="bn").double()
+    starts = [perturbed_state(model, seed) for seed in range(3)]
+    datas = [client_data(n, (1, 8, 8), 3, 80 + seed, np.float64) for seed, n in enumerate((11, 6, 8))]
+    config = RoundConfig(batch_size=4, lr=0.02, momentum=0.9, extra={"proximal-mu": 0.1})
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, atol=ATOL64, engine="stacked")
+    # 3 batches (4, 4, 3), 2 (4, 2) and 2 (4, 4)
+    tracked = "features.1.num_batches_tracked"
+    assert [int(fit.state[tracked]) - int(start[tracked]) for fit, start in zip(fits, starts)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("norm", ["gn", "ln"])
+def test_stacked_layouts_group_and_layer_norm_adam(layout, norm):
+    """GroupNorm and LayerNorm with each client's affine; Adam with per-client learning
+    rates and weight decay (the unfused Adam). Float64: Adam divides by the gradient's
+    running scale, so on a weight that normalisation makes nearly scale-invariant (a
+    near-zero gradient) float32 rounding moves it by up to 3e-3 after a few steps, in
+    either engine (vmap as much as stacked); in float64 they agree to 5e-12."""
+    model = build_model("digitcnn", (1, 8, 8), 3, norm=norm).double()
+    starts = [perturbed_state(model, seed) for seed in range(2)]
+    datas = [client_data(n, (1, 8, 8), 3, 90 + seed, np.float64) for seed, n in enumerate((10, 7))]
+    configs = [
+        RoundConfig(batch_size=4, lr=lr, weight_decay=wd, optimizer="adam") for lr, wd in ((1e-3, 0.0), (3e-3, 1e-2))
+    ]
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, configs, atol=ATOL64, engine="stacked")
+    moved(fits, starts)
+
+
+def test_stacked_layouts_fedwon_resnet(layout):
+    """WSConv2d standardised per client, the residual branch times each client's skip
+    gain, the shortcut's sum, adaptive average pooling; AGC per client. Float64: AGC
+    clips a unit or not by comparing two norms, so in float32 a rounding difference at a
+    unit on the threshold can move a weight by 1e-5 or more (seen about once in fifty
+    runs of test_fedwon_adaptive_gradient_clipping, either engine)."""
+    model = build_model("resnet", (3, 8, 8), 4, norm="none", width=4).double()
+    starts = [perturbed_state(model, seed) for seed in range(3)]
+    datas = [client_data(n, (3, 8, 8), 4, 100 + seed, np.float64) for seed, n in enumerate((12, 9, 6))]
+    configs = [
+        RoundConfig(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4, extra={AGC_LAMBDA: value})
+        for value in (0.01, 0.05, 0.32)
+    ]
+    fits, _ = assert_same(FedWonTrainer(), model, starts, datas, configs, atol=ATOL64, engine="stacked")
+    moved(fits, starts)
+
+
+def test_stacked_layouts_fedbn_resnet(layout):
+    model = build_model("resnet", (3, 8, 8), 3, norm="bn", width=4)
+    starts = [perturbed_state(model, seed) for seed in range(2)]
+    datas = [client_data(n, (3, 8, 8), 3, 110 + seed) for seed, n in enumerate((9, 12))]
+    config = RoundConfig(batch_size=4, lr=0.05, momentum=0.9)
+    fits, _ = assert_same(FedBNTrainer(), model, starts, datas, config, engine="stacked")
+    moved(fits, starts)
+
+
+def test_max_pool_2x2_matches_max_pool2d_bitwise():
+    """The same values and the same gradient as max_pool2d, ties included (constant
+    regions: the first maximum of the window gets the gradient), odd sizes included; and
+    with ``relu`` the same as max_pool2d of ReLU."""
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(3, 2, 8, 8), (2, 3, 7, 9), (4, 5, 5)]:
+        x = torch.randn(shape, generator=generator)
+        x[..., :4, :4] = 0.5  # ties among positive values
+        x[..., 4:, :2] = -1.0  # ties among negative values
+        x = x.round(decimals=1)  # more ties
+        grad = torch.randn(*shape[:-2], shape[-2] // 2, shape[-1] // 2, generator=generator)
+        for relu in (False, True):
+            a = x.clone().requires_grad_(True)
+            b = x.clone().requires_grad_(True)
+            expected = F.max_pool2d(torch.relu(a) if relu else a, 2)
+            got = max_pool_2x2(b, relu)
+            assert torch.equal(got, expected)
+            expected.backward(grad)
+            got.backward(grad)
+            assert torch.equal(b.grad, a.grad), (shape, relu)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shared_layer_and_tied_weights(engine, monkeypatch):
+    """A Linear called twice (one module under two names: its two gradients summed, not
+    one overwriting the other, and the model left holding its own parameters), and one
+    parameter in two modules; in the stacked path with every Linear's weight gradient
+    written into a buffer kept across steps, groups of different sizes included."""
+    monkeypatch.setattr(stacked, "GRADIENT_BUFFER_ELEMENTS", 1)
+    shared = nn.Linear(6, 6)
+    twice = nn.Sequential(nn.Flatten(), shared, nn.ReLU(), shared, nn.Tanh(), nn.Linear(6, 3))
+    tied = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+    tied[5].weight = tied[3].weight
+    for model, classes in ((twice, 3), (tied, 5)):
+        own = {name: tensor for name, tensor in model.named_parameters(remove_duplicate=False)}
+        starts = [perturbed_state(model, seed) for seed in range(3)]
+        aliases = {"3.weight": "1.weight", "3.bias": "1.bias"} if model is twice else {"5.weight": "3.weight"}
+        for start in starts:  # a state dict's entries for one tensor hold the same values
+            for alias, name in aliases.items():
+                start[alias] = start[name]
+        datas = [client_data(n, (6,), classes, 120 + seed) for seed, n in enumerate((14, 5, 9))]
+        for config in (
+            RoundConfig(batch_size=4, lr=0.1, momentum=0.9, weight_decay=1e-3, local_epochs=2),
+            RoundConfig(batch_size=4, lr=0.01, optimizer="adam", local_epochs=2),
+        ):
+            fits, _ = assert_same(ClientTrainer(), model, starts, datas, config, engine=engine)
+            moved(fits, starts)
+        assert all(tensor is own[name] for name, tensor in model.named_parameters(remove_duplicate=False))
+        assert all(tensor.device.type == "cpu" for tensor in model.parameters())
+
+
+class Untraceable(nn.Module):
+    """A forward that takes the batch's length: torch.fx cannot trace it (vmap can)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Identity()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).reshape(len(x), -1))
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.PReLU(), nn.Linear(8, 3)), "PReLU"),
+        (Untraceable(), "torch.fx cannot trace"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)), "inplace"),
+    ],
+)
+def test_unsupported_model_falls_back_to_vmap(model, reason):
+    """A layer the stacked path does not know, a forward fx cannot trace, an in-place
+    ReLU: build_plan refuses, engine="stacked" is a ValueError, and the default engine
+    trains with vmap, still as the sequential trainer does."""
+    with pytest.raises(Unsupported, match=reason):
+        build_plan(model, (6,), torch.float32, CPU)
+    starts = [perturbed_state(model, seed) for seed in range(2)]
+    datas = [client_data(n, (6,), 3, 130 + seed) for seed, n in enumerate((10, 7))]
+    config = RoundConfig(batch_size=4, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=reason):
+        fit_clients(model, starts, datas, config, [torch.Generator()] * 2, CPU, engine="stacked")
+    fits, _ = assert_same(ClientTrainer(), model, starts, datas, config)  # engine="auto"
+    moved(fits, starts)
+    with pytest.raises(ValueError, match="engine"):
+        fit_clients(model, starts, datas, config, [torch.Generator()] * 2, CPU, engine="jit")
+
+
+def test_plan_kept_per_model_until_it_changes():
+    model = build_model("lenet", (1, 8, 8), 3)
+    plan = plan_for(model, (1, 8, 8), torch.float32, CPU)
+    assert plan_for(model, (1, 8, 8), torch.float32, CPU) is plan
+    assert plan_for(model, (1, 8, 8), torch.float32, CPU, batch_size=4) is not plan  # another layout
+    model.head = nn.Linear(model.head.in_features, 3)  # a new layer: a new plan
+    assert plan_for(model, (1, 8, 8), torch.float32, CPU) is not plan
+    model.features[1] = nn.PReLU()  # refused, and remembered as refused
+    for _ in range(2):
+        with pytest.raises(Unsupported, match="PReLU"):
+            plan_for(model, (1, 8, 8), torch.float32, CPU)

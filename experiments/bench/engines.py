@@ -15,8 +15,14 @@ the repeats kept, so that a machine that slows down between minutes slows all of
   a client's training is tiny: (engine's rounds - plain loop) / client updates, in ms.
 - **Scale**: ``synthetic`` data, one client per device, 10 clients sampled per round out
   of 100, 1,000 and 10,000 registered: seconds per round and the driver's peak RSS.
+- **Vectorised clients** (``[engine] vectorize = K``, in-process): client updates per
+  second at K = 1 (one client at a time), 4, 16 and 64, interleaved, on W1, on the MLP
+  workload above and on FedBN's digit CNN on ``digits-domains`` (10 clients). Reported:
+  ``updates_per_s`` by K and ``vectorized_over_sequential`` (best K over K = 1) for W1,
+  and the same per workload under ``vectorized``.
 - **GPU** (only where CUDA is available): client updates per second with 1, 4, 8 and 16
-  workers sharing one GPU, for LeNet-5 and a ResNet-18-sized network.
+  workers sharing one GPU, for LeNet-5 and a ResNet-18-sized network, each worker
+  sequential and vectorised; and the vectorised workloads above on the GPU.
 
     python experiments/bench/engines.py [--quick] [--json PATH] [--skip flower ...]
 """
@@ -193,8 +199,52 @@ def scale(engines: list[str], sizes: list[int], sampled: int, rounds: int) -> di
     return results
 
 
+# Vectorised-clients workloads: overrides of W1, and client updates per run
+VECTOR_WORKLOADS = {
+    "w1": ([], 20 * 5),
+    "mlp-digits-100": (OVERHEAD, 100 * 3),
+    "digitcnn-digits-domains": (
+        [
+            "name=bench-digitcnn",
+            "dataset.name=digits-domains",
+            "partition.name=dirichlet",
+            "partition.num_clients=10",
+            "partition.alpha=1.0",
+            "model.name=digitcnn",
+            "rounds=2",
+        ],
+        10 * 2,
+    ),
+}
+VECTOR_SIZES = [1, 4, 16, 64]
+
+
+def vectorized(workloads: list[str], sizes: list[int], repeats: int, device: str = "cpu") -> dict:
+    """Client updates per second of the in-process engine at each ``vectorize`` K (1 = one
+    client at a time), the runs interleaved; the median of ``repeats``."""
+    results: dict = {}
+    for workload in workloads:
+        overrides, updates = VECTOR_WORKLOADS[workload]
+        times: dict[int, list[float]] = {k: [] for k in sizes}
+        for _ in range(repeats):
+            for k in sizes:
+                run = run_fedsim(W1, [*overrides, f"engine.vectorize={k}", f"engine.device={device}"])
+                times[k].append(run["rounds_s"])
+        rates = {k: updates / statistics.median(seconds) for k, seconds in times.items()}
+        best = max(rates, key=rates.get)
+        results[workload] = {
+            "updates_per_s": {str(k): rate for k, rate in rates.items()},
+            "best_k": best,
+            "vectorized_over_sequential": rates[best] / rates[1],
+        }
+        shown = "  ".join(f"K={k}: {rate:.0f}/s" for k, rate in rates.items())
+        print(f"  {workload:24s} {shown}  (best K={best}: {rates[best] / rates[1]:.2f}x one at a time)")
+    return results
+
+
 def gpu(workers: list[int], quick: bool) -> dict:
-    """Client updates per second with k Ray workers sharing one GPU, each 1/k of it."""
+    """Client updates per second with k Ray workers sharing one GPU, each 1/k of it, each
+    training its clients one at a time and vectorised (``vectorize = "auto"``)."""
     models = {
         "lenet": ["model.name=lenet"],
         "resnet18-sized": ["model.name=resnet", "model.blocks=2", "model.width=128"],
@@ -203,18 +253,21 @@ def gpu(workers: list[int], quick: bool) -> dict:
     results: dict = {}
     for model, options in models.items():
         for k in workers:
-            overrides = [
-                *options,
-                f"partition.num_clients={clients}",
-                f"rounds={rounds}",
-                "engine.name=ray",
-                f"engine.num_workers={k}",
-                f"engine.num_gpus={1 / k}",
-                "engine.device=cuda",
-            ]
-            run = run_fedsim(W1, overrides)
-            results[f"{model}/{k}"] = clients * rounds / run["rounds_s"]
-            print(f"  gpu {model:15s} {k:2d} workers: {results[f'{model}/{k}']:.1f} client updates/s")
+            for vectorize in (1, "auto"):
+                overrides = [
+                    *options,
+                    f"partition.num_clients={clients}",
+                    f"rounds={rounds}",
+                    "engine.name=ray",
+                    f"engine.num_workers={k}",
+                    f"engine.num_gpus={1 / k}",
+                    "engine.device=cuda",
+                    f"engine.vectorize={vectorize!r}" if vectorize == "auto" else "engine.vectorize=1",
+                ]
+                run = run_fedsim(W1, overrides)
+                key = f"{model}/{k}" + ("/vectorized" if vectorize == "auto" else "")
+                results[key] = clients * rounds / run["rounds_s"]
+                print(f"  gpu {key:28s} {results[key]:.1f} client updates/s")
     return results
 
 
@@ -226,7 +279,7 @@ def main() -> None:
         "--skip",
         action="append",
         default=[],
-        choices=["flower", "ray", "scale"],
+        choices=["flower", "ray", "scale", "vectorized"],
         help="leave out an engine or the scale study",
     )
     parser.add_argument("--plain-only", metavar="CONFIG", help=argparse.SUPPRESS)  # the plain loop as a script
@@ -271,9 +324,17 @@ def main() -> None:
             [e for e in engines if e != "flower"], sizes, sampled=10, rounds=2 if args.quick else 3
         )
 
+    if "vectorized" not in args.skip:
+        print("Vectorised clients (in-process, client updates per second):")
+        figures["vectorized"] = vectorized(list(VECTOR_WORKLOADS), VECTOR_SIZES, repeats)
+        figures["updates_per_s"] = figures["vectorized"]["w1"]["updates_per_s"]
+        figures["vectorized_over_sequential"] = figures["vectorized"]["w1"]["vectorized_over_sequential"]
+
     if torch.cuda.is_available():
         print(f"GPU ({torch.cuda.get_device_name(0)}):")
         figures["gpu_updates_per_s"] = gpu([1, 4, 8, 16], args.quick)
+        if "vectorized" not in args.skip:
+            figures["gpu_vectorized"] = vectorized(list(VECTOR_WORKLOADS), VECTOR_SIZES, repeats, device="cuda")
         figures["gpu"] = torch.cuda.get_device_name(0)
     else:
         figures["gpu"] = None
@@ -285,6 +346,7 @@ def main() -> None:
         "ray_over_flower",
         "command_over_rounds",
         "command_over_plain_script",
+        "vectorized_over_sequential",
     ):
         if key in figures:
             print(f"{key}: {figures[key]:.3f}")

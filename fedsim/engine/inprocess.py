@@ -9,7 +9,7 @@ same Flower messages the Ray engine carries.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
@@ -24,6 +24,12 @@ from fedsim.worker import settle_garbage_collector, worker_for
 from partitioners import Partition
 
 Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]
+Vectorize = Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"]
+"""``[engine] vectorize``: how many of a round's clients a worker trains at once
+(:mod:`fedsim.vectorize`; 1, the default, trains them one after another), or ``"auto"``:
+the most that fit the device's free memory (the RAM on a CPU), by a memory estimate of the
+model and the batch. Clients whose trainer or model the vectorised loop does not reproduce
+(said once), attackers, and clients with a time limit train one at a time."""
 
 
 class InProcessGrid(SimulatedGrid):
@@ -45,7 +51,7 @@ class InProcessEngine:
     sums depend on it: with the same count as the Ray engine's ``num_cpus`` (1 by default
     on both) the two engines give bit-identical results. Raise it for large models.
     ``client_timeout_s`` ends a client still busy after that many seconds: it counts as
-    timed out, and the round goes on without it.
+    timed out, and the round goes on without it. ``vectorize``: :data:`Vectorize`.
     """
 
     def __init__(
@@ -53,12 +59,14 @@ class InProcessEngine:
         device: Device = "auto",
         num_threads: Annotated[int, Field(ge=1, le=1024)] = 1,
         client_timeout_s: Annotated[float, Field(gt=0)] | None = None,
+        vectorize: Vectorize = 1,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device = {device!r}, but this machine has no usable GPU; use 'auto' or 'cpu'")
         self.device = device
         self.num_threads = num_threads
         self.client_timeout_s = client_timeout_s
+        self.vectorize = vectorize  # read by the worker from the experiment (fedsim.worker)
 
     @property
     def client_threads(self) -> int:

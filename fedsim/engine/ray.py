@@ -35,7 +35,7 @@ from pydantic import Field
 
 from fedsim.engine.base import ServerMain
 from fedsim.engine.grid import SimulatedGrid
-from fedsim.engine.inprocess import Device
+from fedsim.engine.inprocess import Device, Vectorize
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
 from fedsim.errors import ClientFailure, UserError
@@ -104,7 +104,8 @@ class RayEngine:
     ``num_gpus`` set, one per GPU share (whichever is fewer). ``device = "auto"`` trains
     on the GPU share a worker holds, else on the CPU.
     ``client_timeout_s`` ends a client still busy after that many seconds (it counts as
-    timed out; the round goes on without it).
+    timed out; the round goes on without it). ``vectorize``: each worker trains up to that
+    many of its clients at once (:data:`fedsim.engine.inprocess.Vectorize`).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class RayEngine:
         address: str | None = None,
         device: Device = "auto",
         client_timeout_s: Annotated[float, Field(gt=0)] | None = None,
+        vectorize: Vectorize = 1,
     ) -> None:
         if num_gpus is not None and num_gpus > 1 and num_gpus != int(num_gpus):
             raise ValueError(f"num_gpus = {num_gpus} is invalid: a worker takes a fraction of one GPU or whole GPUs")
@@ -128,6 +130,7 @@ class RayEngine:
         self.address = address
         self.requested_device = device
         self.client_timeout_s = client_timeout_s
+        self.vectorize = vectorize  # read by each worker from the experiment (fedsim.worker)
         self._layout: tuple[int, float] | None = None
         self._started_ray = False  # whether this engine started Ray (and so shuts it down)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, ErrorCode
@@ -82,17 +83,29 @@ def run_tasks(
     client_app: ClientApp, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask], timeout_s: float | None = None
 ) -> list[TaskResult]:
     """Run each task through the ClientApp, in order; an exception, or a client still busy
-    after ``timeout_s``, becomes an error reply, as under Flower's own engines."""
-    results = []
-    for task in tasks:
-        message = unpack(task, shared)
-        context = Context(
-            run_id=task.metadata.run_id,
-            node_id=task.metadata.dst_node_id,
-            node_config={PARTITION_ID_KEY: task.client, NUM_PARTITIONS_KEY: task.num_clients},
-            state=task.state if task.state is not None else RecordDict(),
-            run_config={},
-        )
+    after ``timeout_s``, becomes an error reply, as under Flower's own engines.
+
+    fedsim's ClientApp also offers ``train_many`` (several clients trained at once,
+    ``[engine] vectorize``): the train tasks go to it together, unless clients have a time
+    limit (which is per client); if it raises, they run one by one, so that the error is
+    the failing client's alone."""
+    messages = [unpack(task, shared) for task in tasks]
+    contexts = [_context(task) for task in tasks]
+    results: list[TaskResult | None] = [None] * len(tasks)
+    train_many = getattr(client_app, "train_many", None)
+    training = [i for i, message in enumerate(messages) if message.metadata.message_type == MessageType.TRAIN]
+    if train_many is not None and timeout_s is None and len(training) > 1:
+        try:
+            replies = train_many([messages[i] for i in training], [contexts[i] for i in training])
+        except Exception:
+            messages = [unpack(task, shared) for task in tasks]  # as sent: the failed call may have read them
+            contexts = [_context(task) for task in tasks]
+        else:
+            for i, reply in zip(training, replies, strict=True):
+                results[i] = TaskResult(reply, contexts[i].state if len(contexts[i].state) else None)
+    for i, (message, context) in enumerate(zip(messages, contexts)):
+        if results[i] is not None:
+            continue
         try:
             with time_limit(timeout_s):
                 reply = client_app(message, context)
@@ -101,8 +114,18 @@ def run_tasks(
         except Exception:
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc())
             reply = Message(error, reply_to=message)
-        results.append(TaskResult(reply, context.state if len(context.state) else None))
+        results[i] = TaskResult(reply, context.state if len(context.state) else None)
     return results
+
+
+def _context(task: ClientTask) -> Context:
+    return Context(
+        run_id=task.metadata.run_id,
+        node_id=task.metadata.dst_node_id,
+        node_config={PARTITION_ID_KEY: task.client, NUM_PARTITIONS_KEY: task.num_clients},
+        state=task.state if task.state is not None else RecordDict(),
+        run_config={},
+    )
 
 
 class ClientTimeout(BaseException):

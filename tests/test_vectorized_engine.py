@@ -1,0 +1,120 @@
+"""``[engine] vectorize``: the engines train a round's clients K at a time, with the same
+results as one at a time (to float rounding), and fall back to one at a time, saying why,
+where the vectorised loop would not reproduce a client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim.config import validate
+from fedsim.errors import UserError
+from fedsim.results import RunDirectory
+from fedsim.run import run_experiment
+from tests.conftest import tiny_experiment
+
+# The BatchNorm models train at lr 0.01: at 0.1, BatchNorm over a client's trailing batch of
+# two samples magnifies float32 rounding a thousandfold within two rounds (fedsim.vectorize's
+# own tests show the steps agree to 1e-11 in float64).
+CASES = {
+    "fedavg": [],
+    "fedprox": ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],
+    "fedbn": ["strategy.name=fedbn", "model.name=digitcnn", "strategy.fraction_train=0.5", "client.lr=0.01"],
+    "fedwon": ["strategy.name=fedwon", "model.name=digitcnn", "client.lr=0.01"],
+    "adam-several-epochs": ["client.optimizer=adam", "client.lr=0.01", "client.local_epochs=3"],
+}
+
+
+def final_state(run) -> dict[str, np.ndarray]:
+    experiment = validate(__import__("tomllib").loads((run.path / "config.toml").read_text()), "test")
+    checkpoint = RunDirectory(run.path).load_checkpoint(experiment)
+    return {key: array.numpy() for key, array in checkpoint.arrays.items()}
+
+
+def client_metrics(run):
+    metrics = RunDirectory(run.path).read_metrics()
+    return metrics[metrics.scope.isin(["client", "server", "federated"])].reset_index(drop=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vectorised_clients_train_as_they_would_one_at_a_time(case, tmp_path):
+    overrides = ["rounds=2", "partition.num_clients=5", *CASES[case]]
+    sequential = run_experiment(tiny_experiment(*overrides), tmp_path / "one")
+    together = run_experiment(tiny_experiment(*overrides, "engine.vectorize=3"), tmp_path / "three")
+    one, three = final_state(sequential), final_state(together)
+    assert one.keys() == three.keys()
+    for key in one:
+        np.testing.assert_allclose(three[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    a, b = client_metrics(sequential), client_metrics(together)
+    assert a[["round", "scope", "id", "metric"]].equals(b[["round", "scope", "id", "metric"]])
+    np.testing.assert_allclose(b.value, a.value, rtol=1e-3, atol=1e-4)
+    if case == "fedbn":  # each client's own BatchNorm, kept in its state
+        states = sorted((together.path / "client_state").rglob("*.npz"))
+        assert states, "FedBN keeps BatchNorm layers in client state"
+
+
+def test_a_vectorised_run_resumes_exactly(tmp_path, monkeypatch):
+    experiment = tiny_experiment("rounds=3", "engine.vectorize=2")
+    run_experiment(experiment, tmp_path / "reference")
+    original = RunDirectory.save_checkpoint
+
+    def crash_in_round_2(self, checkpoint):
+        if checkpoint.round == 2:
+            raise KeyboardInterrupt
+        original(self, checkpoint)
+
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, tmp_path / "run")
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
+    assert run_experiment(experiment, tmp_path / "run").status == "resume"
+    assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
+
+
+def test_a_trainer_that_cannot_be_vectorised_trains_one_at_a_time_and_says_so_once(tmp_path, capsys):
+    overrides = ["rounds=2", "strategy.name=fedavg-history", "strategy.history=keep"]
+    sequential = run_experiment(tiny_experiment(*overrides), tmp_path / "one")
+    capsys.readouterr()
+    fallback = run_experiment(tiny_experiment(*overrides, "engine.vectorize=4"), tmp_path / "four")
+    err = capsys.readouterr().err
+    assert err.count("vectorize: clients train one at a time") == 1 and "overrides" in err
+    assert (sequential.path / "metrics.csv").read_bytes() == (fallback.path / "metrics.csv").read_bytes()
+
+
+def test_attackers_and_faulty_clients_train_alone_the_others_together(tmp_path):
+    """An attacker runs its own trainer and a client with a fault acts it out: both leave
+    the vectorised group; the group's clients train as they would alone."""
+    attack = {"method": "badnets", "target": 1, "clients": [0], "trigger": {"size": 2}}
+    overrides = ["rounds=2", "partition.num_clients=5", "faults.error=0.3", "faults.clients=[4]"]
+
+    def experiment(*more):
+        data = tiny_experiment(*overrides, *more).to_dict()
+        return validate({**data, "attack": [attack]}, "test")
+
+    sequential = run_experiment(experiment(), tmp_path / "one")
+    together = run_experiment(experiment("engine.vectorize=4"), tmp_path / "four")
+    a, b = client_metrics(sequential), client_metrics(together)
+    assert a[["round", "scope", "id", "metric"]].equals(b[["round", "scope", "id", "metric"]])
+    np.testing.assert_allclose(b.value, a.value, rtol=1e-3, atol=1e-4)
+    assert sequential.summary["faults"] == together.summary["faults"]
+
+
+def test_auto_chooses_a_size_and_says_which(tmp_path, capsys):
+    run_experiment(tiny_experiment("rounds=1", "engine.vectorize='auto'"), tmp_path / "auto")
+    err = capsys.readouterr().err
+    assert "vectorize = 'auto':" in err and "clients at once on cpu" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "'fast'", "2.5"])
+def test_bad_vectorize_values_are_one_line_errors(value):
+    with pytest.raises(UserError, match="vectorize") as error:
+        tiny_experiment(f"engine.vectorize={value}")
+    assert "\n" not in str(error.value)
+
+
+def test_the_ray_engine_vectorises_each_worker(tmp_path):
+    overrides = ["rounds=1", "partition.num_clients=6", "engine.name=ray", "engine.num_workers=1"]
+    sequential = run_experiment(tiny_experiment(*overrides[:2]), tmp_path / "one")
+    on_ray = run_experiment(tiny_experiment(*overrides, "engine.vectorize=3"), tmp_path / "ray")
+    a, b = client_metrics(sequential), client_metrics(on_ray)
+    np.testing.assert_allclose(b.value, a.value, rtol=1e-3, atol=1e-4)
