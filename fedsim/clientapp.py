@@ -162,6 +162,8 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         :func:`train` alone; their replies keep their places."""
         from fedsim.vectorize import train_clients
 
+        if worker_for(environment_for(contexts[0])).vectorize == 1:  # one at a time, as without it
+            return [train(message, context) for message, context in zip(messages, contexts, strict=True)]
         replies: list[Message | None] = [None] * len(messages)
         together: list[tuple[int, TrainCall]] = []
         for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):

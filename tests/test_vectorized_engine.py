@@ -36,8 +36,11 @@ def client_metrics(run):
     return metrics[metrics.scope.isin(["client", "server", "federated"])].reset_index(drop=True)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case", [case if case in ("fedavg", "fedbn") else pytest.param(case, marks=pytest.mark.slow) for case in CASES]
+)
 def test_vectorised_clients_train_as_they_would_one_at_a_time(case, tmp_path):
+    """CI runs FedAvg and FedBN; tests/test_vectorize.py checks every trainer's steps."""
     overrides = ["rounds=2", "partition.num_clients=5", *CASES[case]]
     sequential = run_experiment(tiny_experiment(*overrides), tmp_path / "one")
     together = run_experiment(tiny_experiment(*overrides, "engine.vectorize=3"), tmp_path / "three")
@@ -112,6 +115,7 @@ def test_bad_vectorize_values_are_one_line_errors(value):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # the Ray worker runs the same run_tasks as the in-process engine, tested above
 def test_the_ray_engine_vectorises_each_worker(tmp_path):
     overrides = ["rounds=1", "partition.num_clients=6", "engine.name=ray", "engine.num_workers=1"]
     sequential = run_experiment(tiny_experiment(*overrides[:2]), tmp_path / "one")
