@@ -145,7 +145,9 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        call = prepare_train(message, context)
+        return train_alone(prepare_train(message, context))
+
+    def train_alone(call: TrainCall) -> Message:
         act_out(call.fault, call.config.extra, None, None)
         worker = call.worker
         seed_torch_globally(call.seed, worker.device)  # dropout and any other global-RNG draw in the model
@@ -171,7 +173,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
             if call.fault is None and call.worker.trains_together(call.trainer, call.received):
                 together.append((index, call))
             else:
-                replies[index] = train(message, context)
+                replies[index] = train_alone(call)
         if together:
             worker = together[0][1].worker
             size = worker.vectorize

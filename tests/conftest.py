@@ -60,3 +60,26 @@ def tiny_experiment(*overrides: str) -> Experiment:
 @pytest.fixture
 def tiny():
     return tiny_experiment
+
+
+def interrupted_and_resumed(experiment: Experiment, tmp_path: Path, monkeypatch, crash_round: int = 2):
+    """Run ``experiment`` whole into ``tmp_path/reference``; run it into ``tmp_path/run``,
+    interrupted (as by Ctrl-C) while saving round ``crash_round``'s checkpoint, then run it
+    again, which resumes. Returns the resumed run's result; the caller compares the two
+    folders."""
+    from fedsim.results import RunDirectory
+    from fedsim.run import run_experiment
+
+    run_experiment(experiment, tmp_path / "reference")
+    original = RunDirectory.save_checkpoint
+
+    def crash(self, checkpoint):
+        if checkpoint.round == crash_round:
+            raise KeyboardInterrupt
+        original(self, checkpoint)
+
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, tmp_path / "run")
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
+    return run_experiment(experiment, tmp_path / "run")

@@ -22,7 +22,7 @@ from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
-from tests.conftest import tiny_experiment
+from tests.conftest import interrupted_and_resumed, tiny_experiment
 
 BADNETS = {"method": "badnets", "target": 1, "trigger": {"size": 2}}
 
@@ -188,19 +188,7 @@ def test_an_attacked_run_resumes_exactly(tmp_path, monkeypatch):
         {"method": "mirage", "target": 1, "clients": [0], "options": {"iterations": 2, "detector_epochs": 2}},
         overrides=("rounds=3", "strategy.defence=flame"),
     )
-    run_experiment(experiment, tmp_path / "reference")
-    original = RunDirectory.save_checkpoint
-
-    def crash_in_round_2(self, checkpoint):
-        if checkpoint.round == 2:
-            raise KeyboardInterrupt
-        original(self, checkpoint)
-
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, tmp_path / "run")
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
-    resumed = run_experiment(experiment, tmp_path / "run")
+    resumed = interrupted_and_resumed(experiment, tmp_path, monkeypatch)
     assert resumed.status == "resume"
     assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
     reference = json.loads((tmp_path / "reference/summary.json").read_text())

@@ -9,7 +9,7 @@ from fedsim.config import load_experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
-from tests.conftest import QUICKSTART, tiny_experiment
+from tests.conftest import QUICKSTART, interrupted_and_resumed, tiny_experiment
 
 
 def test_a_defence_wraps_the_strategy_and_reports_whom_it_accepted(tmp_path):
@@ -29,19 +29,7 @@ def test_fltrust_trains_its_root_set_from_the_training_data(tmp_path):
 
 def test_a_defended_run_resumes_exactly(tmp_path, monkeypatch):
     experiment = tiny_experiment("rounds=3", "strategy.defence=foolsgold")
-    run_experiment(experiment, tmp_path / "reference")
-    original = RunDirectory.save_checkpoint
-
-    def crash_in_round_2(self, checkpoint):
-        if checkpoint.round == 2:
-            raise KeyboardInterrupt
-        original(self, checkpoint)
-
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, tmp_path / "run")
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
-    assert run_experiment(experiment, tmp_path / "run").status == "resume"
+    assert interrupted_and_resumed(experiment, tmp_path, monkeypatch).status == "resume"
     assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
 
 

@@ -19,7 +19,7 @@ from fedsim.trainer import RoundConfig
 from partitioners.drift import DriftPartitioner
 from strategies import history
 from strategies.feddaa import CENTRES, STAGE, FedDAA, FedDAATrainer, choose_clusters
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, interrupted_and_resumed
 
 # a tiny drift stream on the 8x8 digits: 8 clients, 4 slots of 2 rounds, FedDAA's concepts
 STREAM = [
@@ -159,19 +159,7 @@ def test_drift_strategies_run_and_report_per_slot_and_concept(strategy, tmp_path
 
 def test_feddaa_resumes_with_each_clients_history(tmp_path, monkeypatch):
     experiment = drift_experiment("strategy.name=feddaa")
-    run_experiment(experiment, tmp_path / "reference")
-    original = RunDirectory.save_checkpoint
-
-    def crash_in_round_5(self, checkpoint):
-        if checkpoint.round == 5:
-            raise KeyboardInterrupt
-        original(self, checkpoint)
-
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_5)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, tmp_path / "run")
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
-    assert run_experiment(experiment, tmp_path / "run").status == "resume"
+    assert interrupted_and_resumed(experiment, tmp_path, monkeypatch, crash_round=5).status == "resume"
     for name in ("metrics.csv",):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     states = sorted((tmp_path / "run" / "client_state").rglob("*.npz"))

@@ -22,7 +22,7 @@ from strategies.ggeur import (
     pool_statistics,
     sample_around,
 )
-from tests.conftest import tiny_experiment
+from tests.conftest import interrupted_and_resumed, tiny_experiment
 
 FEATURES = [
     "features.name=model",
@@ -224,19 +224,7 @@ def test_ggeur_reports_its_statistics_round(tmp_path):
 
 def test_ggeur_resumes_exactly(tmp_path, monkeypatch):
     experiment = ggeur_experiment("rounds=3")
-    run_experiment(experiment, tmp_path / "reference")
-    original = RunDirectory.save_checkpoint
-
-    def crash_in_round_2(self, checkpoint):
-        if checkpoint.round == 2:
-            raise KeyboardInterrupt
-        original(self, checkpoint)
-
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, tmp_path / "run")
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
-    assert run_experiment(experiment, tmp_path / "run").status == "resume"
+    assert interrupted_and_resumed(experiment, tmp_path, monkeypatch).status == "resume"
     assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
 
 

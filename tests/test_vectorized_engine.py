@@ -11,7 +11,7 @@ from fedsim.config import validate
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
-from tests.conftest import tiny_experiment
+from tests.conftest import interrupted_and_resumed, tiny_experiment
 
 # The BatchNorm models train at lr 0.01: at 0.1, BatchNorm over a client's trailing batch of
 # two samples magnifies float32 rounding a thousandfold within two rounds (fedsim.vectorize's
@@ -58,19 +58,7 @@ def test_vectorised_clients_train_as_they_would_one_at_a_time(case, tmp_path):
 
 def test_a_vectorised_run_resumes_exactly(tmp_path, monkeypatch):
     experiment = tiny_experiment("rounds=3", "engine.vectorize=2")
-    run_experiment(experiment, tmp_path / "reference")
-    original = RunDirectory.save_checkpoint
-
-    def crash_in_round_2(self, checkpoint):
-        if checkpoint.round == 2:
-            raise KeyboardInterrupt
-        original(self, checkpoint)
-
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", crash_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, tmp_path / "run")
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", original)
-    assert run_experiment(experiment, tmp_path / "run").status == "resume"
+    assert interrupted_and_resumed(experiment, tmp_path, monkeypatch).status == "resume"
     assert (tmp_path / "run/metrics.csv").read_bytes() == (tmp_path / "reference/metrics.csv").read_bytes()
 
 
