@@ -363,3 +363,59 @@ def test_a_failed_ray_client_connection_leaves_ray_usable(monkeypatch):
         server.close()
     assert not client_mode.is_client_mode_enabled, "the process was left in Ray Client mode"
     assert not client_mode.client_mode_should_convert()
+
+
+def test_a_local_ray_node_that_starts_too_slowly_is_stopped_and_started_again(monkeypatch, capsys):
+    """Ray waits a fixed 30 s for a new local node; on a busy machine it can give up
+    (this failed a CI run). fedsim stops the half-started node and tries again."""
+    import ray
+    from ray._private.node import Node
+
+    from fedsim.engine import ray as ray_engine
+
+    killed = []
+
+    class SlowNode(Node):
+        def __init__(self):  # Ray's Node.__init__ raises like this after starting processes
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+        def kill_all_processes(self, check_alive=True, allow_graceful=False, wait=False):
+            killed.append((check_alive, wait))
+
+    attempts = []
+
+    def init(**options):
+        attempts.append(options)
+        if len(attempts) == 1:
+            SlowNode()
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    assert ray_engine.connect(None) is True
+    assert len(attempts) == 2 and killed == [(False, True)]
+    assert "did not start within Ray's 30 s" in capsys.readouterr().err
+
+    attempts.clear()
+    monkeypatch.setattr(ray, "init", lambda **options: (attempts.append(options), SlowNode()))
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_engine.connect(None)
+    assert len(attempts) == ray_engine.LOCAL_START_ATTEMPTS
+
+
+def test_only_a_local_start_is_retried(monkeypatch):
+    import ray
+
+    from fedsim.engine import ray as ray_engine
+
+    attempts = []
+
+    def init(**options):
+        attempts.append(options)
+        raise RuntimeError("something else went wrong")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(RuntimeError, match="something else"):
+        ray_engine.connect(None)
+    assert len(attempts) == 1

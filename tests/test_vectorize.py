@@ -12,20 +12,22 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
-from fedsim import stacked
 from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import batchnorm_keys
-from fedsim.stacked import Unsupported, build_plan, max_pool_2x2, plan_for
 from fedsim.trainer import ClientTrainer, RoundConfig
 from fedsim.vectorize import (
     choose_k,
     estimate_bytes_per_client,
     fit_clients,
+    layers,
     train_clients,
     vectorizable,
 )
+from fedsim.vectorize import plan as stacked_plan
+from fedsim.vectorize.layers import Unsupported, max_pool_2x2
+from fedsim.vectorize.plan import build_plan, plan_for
 from strategies.fedbn import FedBNTrainer
 from strategies.fedwon import AGC_LAMBDA, FedWonTrainer
 from strategies.fraug import FRAugTrainer
@@ -330,7 +332,7 @@ def test_choose_k_respects_memory_limit():
     assert choose_k(model, 32, (1, 28, 28), CPU) >= 1  # the host's MemAvailable
 
 
-# The stacked path (fedsim.stacked): its layouts, its pieces, and what it refuses.
+# The stacked path (fedsim.vectorize.plan): its layouts, its pieces, and what it refuses.
 
 
 @pytest.fixture(params=["cpu", "folded", "per-client"])
@@ -339,11 +341,11 @@ def layout(request, monkeypatch):
     max_pool_2x2), as on a GPU (folded: one grouped convolution, one batch_norm for all
     clients, max_pool2d), or every layer that can, per client."""
     if request.param == "folded":
-        monkeypatch.setattr(stacked, "PER_CLIENT_DEVICES", frozenset())
-        monkeypatch.setattr(stacked, "FAST_POOL_DEVICES", frozenset())
+        monkeypatch.setattr(stacked_plan, "PER_CLIENT_DEVICES", frozenset())
+        monkeypatch.setattr(stacked_plan, "FAST_POOL_DEVICES", frozenset())
     elif request.param == "per-client":
-        monkeypatch.setattr(stacked, "PER_CLIENT_CONV", 0)
-        monkeypatch.setattr(stacked, "PER_CLIENT_ACTIVATION", 0)
+        monkeypatch.setattr(stacked_plan, "PER_CLIENT_CONV", 0)
+        monkeypatch.setattr(stacked_plan, "PER_CLIENT_ACTIVATION", 0)
     return request.param
 
 
@@ -446,7 +448,7 @@ def test_shared_layer_and_tied_weights(engine, monkeypatch):
     one overwriting the other, and the model left holding its own parameters), and one
     parameter in two modules; in the stacked path with every Linear's weight gradient
     written into a buffer kept across steps, groups of different sizes included."""
-    monkeypatch.setattr(stacked, "GRADIENT_BUFFER_ELEMENTS", 1)
+    monkeypatch.setattr(layers, "GRADIENT_BUFFER_ELEMENTS", 1)
     shared = nn.Linear(6, 6)
     twice = nn.Sequential(nn.Flatten(), shared, nn.ReLU(), shared, nn.Tanh(), nn.Linear(6, 3))
     tied = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))

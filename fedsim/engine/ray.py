@@ -39,6 +39,7 @@ from fedsim.engine.inprocess import Device, Vectorize
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
 from fedsim.errors import ClientFailure, UserError
+from fedsim.progress import warn
 from partitioners import Partition
 
 
@@ -62,20 +63,56 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
     check_reachable(address, where)
     quiet_ray_environment()
     path = os.pathsep.join([os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    options = dict(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
-        )
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+            try:
+                ray.init(**options)
+                break
+            except Exception as error:
+                if address is not None or not _is_startup_timeout(error) or attempt == LOCAL_START_ATTEMPTS:
+                    raise
+                _stop_half_started_node(error)
+                ray.shutdown()
+                warn(
+                    f"the local Ray node did not start within Ray's 30 s (a busy machine); retrying ({attempt + 1} of {LOCAL_START_ATTEMPTS})"
+                )
     except ConnectionError as error:
         # ray.init("ray://...") switches the process to Ray Client mode before it connects; a
         # failed connection leaves it there, and every later ray.init in this process fails
         ray.shutdown()
         raise UserError(f"{where} = {address!r}: no Ray cluster there ({_first_line(error)})") from None
     return True
+
+
+LOCAL_START_ATTEMPTS = 3
+
+
+def _is_startup_timeout(error: Exception) -> bool:
+    """Ray's own wait for a new local node is a fixed 30 s, which a loaded machine can
+    exceed; a fresh attempt then usually starts at once."""
+    return "timed out during startup" in str(error)
+
+
+def _stop_half_started_node(error: Exception) -> None:
+    """Stop the GCS and raylet of the node whose start just failed, so that a retry does
+    not leave them running beside the next one: Ray raised from inside ``Node.__init__``,
+    whose ``self`` is in the traceback, and nothing else holds it."""
+    from ray._private.node import Node
+
+    traceback = error.__traceback__
+    while traceback is not None:
+        node = traceback.tb_frame.f_locals.get("self")
+        if isinstance(node, Node):
+            node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+            return
+        traceback = traceback.tb_next
 
 
 def check_reachable(address: str | None, where: str, timeout_s: float = 5.0) -> None:
