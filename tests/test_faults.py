@@ -159,6 +159,7 @@ def test_a_faulty_run_resumes_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI: Ray's own failures (a dead worker, an exception) are in test_engines
 def test_the_same_faults_on_the_ray_engine(tmp_path):
     overrides = [*FAULTY, "faults.hang=0.1", "engine.client_timeout_s=1", "rounds=3"]
     run_experiment(tiny_experiment(*overrides), tmp_path / "inprocess")

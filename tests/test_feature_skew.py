@@ -169,7 +169,7 @@ def _reply(content):
     return Message(content, reply_to=instruction)
 
 
-@pytest.mark.parametrize("engine", ["inprocess", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.parametrize("engine", ["inprocess", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
 def test_fedbn_batchnorm_statistics_survive_rounds(engine, tmp_path):
     """num_batches_tracked counts every batch a client's BN layer has ever seen: it keeps
     growing from round to round only if the client's BN came back from its state."""

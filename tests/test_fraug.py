@@ -270,6 +270,7 @@ def test_a_run_sends_no_rtnet_or_batchnorm_and_the_generator_learns(tmp_path, mo
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI: Ray's bits are checked generically in test_engines and test_resume
 def test_ray_run_is_bit_identical_to_in_process(tmp_path):
     run_experiment(small(), tmp_path / "local")
     run_experiment(small("engine.name=ray", "engine.num_cpus=1"), tmp_path / "ray")

@@ -229,6 +229,7 @@ def test_ggeur_resumes_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI: Ray's bits are checked generically in test_engines and test_resume
 def test_ggeur_on_ray_gives_the_in_process_bits(tmp_path):
     run_experiment(ggeur_experiment(), tmp_path / "local")
     run_experiment(ggeur_experiment("engine.name=ray", "engine.num_workers=2"), tmp_path / "ray")

@@ -83,6 +83,7 @@ def worker_for_run(experiment, path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI: the in-process form; Ray's bits are checked in test_engines
 def test_ten_thousand_clients_on_ray_match_in_process(tmp_path):
     local = load_experiment(QUICKSTART, [*SCALE, "rounds=1"])
     on_ray = load_experiment(QUICKSTART, [*SCALE, "rounds=1", "engine.name=ray", "engine.num_workers=2"])
