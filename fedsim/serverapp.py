@@ -179,7 +179,8 @@ class Federation:
             arrays = new_arrays
         rows += self._rows(server_round, "federated", "train", train_metrics or {})
         if self.attacks is not None:
-            accepted = getattr(strategy, "last_accepted", None)  # a filtering defence's verdict
+            # a filtering defence's verdict; a rule that keeps every reply gives none
+            accepted = getattr(strategy, "last_accepted", None) if getattr(strategy, "filters", True) else None
             rows += self.attacks.detection_rows(
                 server_round,
                 [grid.clients[reply.metadata.src_node_id] for reply in replies],

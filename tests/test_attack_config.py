@@ -183,6 +183,20 @@ def test_a_run_reports_each_attacker_and_plots_the_window(tmp_path):
     assert (run.path / "plots" / "attack.png").stat().st_size > 0
 
 
+
+@pytest.mark.parametrize("defence", ["norm-clipping", "fedmedian", "rlr"])
+def test_a_rule_that_keeps_every_reply_reports_no_detection(defence, tmp_path):
+    """Clipping, medians and RLR bound every client's influence and drop nobody: a
+    detection rate of 0 of n would read as a defence that failed to filter."""
+    from strategies.defences import DEFENCES
+
+    assert DEFENCES[defence].filters is False
+    experiment = with_attacks({**BADNETS, "clients": [0]}, overrides=("rounds=1", f"strategy.defence={defence}"))
+    run = run_experiment(experiment, tmp_path / "run")
+    assert run.summary["detection"] is None and run.summary["asr_by_attacker"]
+    metrics = RunDirectory(run.path).read_metrics()
+    assert not metrics.metric.isin(["seen", "rejected"]).any()
+
 def test_an_attacked_run_resumes_exactly(tmp_path, monkeypatch):
     experiment = with_attacks(
         {"method": "mirage", "target": 1, "clients": [0], "options": {"iterations": 2, "detector_epochs": 2}},

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.config import validate
+from fedsim.config import load_experiment, validate
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
-from tests.conftest import interrupted_and_resumed, tiny_experiment
+from tests.conftest import QUICKSTART, ROOT, interrupted_and_resumed, tiny_experiment
 
 # The BatchNorm models train at lr 0.01: at 0.1, BatchNorm over a client's trailing batch of
 # two samples magnifies float32 rounding a thousandfold within two rounds (fedsim.vectorize's
@@ -110,3 +110,15 @@ def test_the_ray_engine_vectorises_each_worker(tmp_path):
     on_ray = run_experiment(tiny_experiment(*overrides, "engine.vectorize=3"), tmp_path / "ray")
     a, b = client_metrics(sequential), client_metrics(on_ray)
     np.testing.assert_allclose(b.value, a.value, rtol=1e-3, atol=1e-4)
+
+
+def test_the_quickstart_vectorised_ends_where_the_readme_says(tmp_path):
+    """The quickstart (FedAvg, mnist5k, Dirichlet(0.5), 20 rounds) with all 10 clients
+    trained at once: the same final accuracy as one at a time, the README's figure, within
+    noise (float rounding differs, so the 20 rounds are not bit-identical)."""
+    from tests.test_run import README_QUICKSTART_ROW
+
+    figure = float(README_QUICKSTART_ROW.search((ROOT / "README.md").read_text()).group(1))
+    experiment = load_experiment(QUICKSTART, ["engine.vectorize=10"])
+    summary = run_experiment(experiment, tmp_path / "qs").summary
+    assert abs(summary["accuracy"] - figure) <= 0.01, (summary["accuracy"], figure)

@@ -4,7 +4,8 @@ A defence is a Flower Strategy built as ``Defence(strategy, **options)`` around 
 experiment's strategy (FedAvg, FedProx, FedBN, FedWon, ...): it passes everything to that
 strategy but ``aggregate_train``, whose arrays it computes by its own rule
 (:mod:`strategies.defences.base`). ``defend(strategy, "flame", **options)`` builds one by
-name; ``last_accepted`` lists the node ids it accepted in the last round.
+name; ``last_accepted`` lists the node ids it accepted in the last round, a verdict on
+each client where the class's ``filters`` is True (a rule that drops clients).
 
 ``DEFENCES`` maps a name to its class; each module is imported on first use.
 """

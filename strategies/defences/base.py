@@ -145,6 +145,10 @@ class Defence(Strategy):
     # parameters the simulator fills in (never from an experiment file), besides
     # ``strategy`` and ``seed``: FLTrust's root_update, DeepSight's model_fn and input_shape
     needs: ClassVar[tuple[str, ...]] = ()
+    # whether the rule drops clients, so that ``last_accepted`` is a verdict on each: False
+    # for rules that keep every reply and only bound its influence (clipping, medians),
+    # whose detection rates would be a meaningless 0 of n
+    filters: ClassVar[bool] = True
 
     def __init__(self, strategy: Strategy, *, seed: int = 0) -> None:
         check(

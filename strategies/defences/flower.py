@@ -127,6 +127,7 @@ class FlowerMedian(FlowerRule):
 
     name = "fedmedian"
     flower_class = FedMedian
+    filters = False
 
 
 class FlowerTrimmedAvg(FlowerRule):
@@ -138,6 +139,7 @@ class FlowerTrimmedAvg(FlowerRule):
 
     name = "fedtrimmedavg"
     flower_class = FedTrimmedAvg
+    filters = False
 
     def __init__(self, strategy: Strategy, *, beta: float = 0.2, **kwargs) -> None:
         check(isinstance(beta, (int, float)) and 0 <= beta < 0.5, f"beta must be in [0, 0.5), got {beta!r}")

@@ -20,6 +20,7 @@ class NormClipping(Defence):
     """
 
     name = "norm-clipping"
+    filters = False
 
     def __init__(self, strategy: Strategy, *, clip_norm: float = 5.0, **kwargs) -> None:
         super().__init__(strategy, **kwargs)

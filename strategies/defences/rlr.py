@@ -32,6 +32,7 @@ class RLR(Defence):
     """
 
     name = "rlr"
+    filters = False
 
     def __init__(self, strategy: Strategy, *, threshold: int = 4, server_lr: float = 1.0, **kwargs) -> None:
         super().__init__(strategy, **kwargs)
