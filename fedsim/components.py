@@ -20,9 +20,8 @@ from fedsim.registry import (
     build,
     did_you_mean,
     first_line,
-    load_reference,
     lookup,
-    plugin_table,
+    resolve_class,
     validate_parameters,
 )
 from fedsim.trainer import ClientTrainer
@@ -47,22 +46,7 @@ def resolve_strategy(name: str) -> type[Strategy]:
     """
     from strategies import STRATEGIES
 
-    if ":" in name:
-        strategy_cls = load_reference(name, "strategy")
-    elif name in STRATEGIES:
-        strategy_cls = STRATEGIES[name]
-    else:
-        plugins = plugin_table(STRATEGY_PLUGINS)
-        if name not in plugins:
-            known = sorted({*STRATEGIES, *plugins})
-            raise UserError(
-                f"[strategy] name = {name!r} is not a known strategy{did_you_mean(name, known)} "
-                f"(choose from: {', '.join(known)}, or give 'package.module:ClassName')"
-            )
-        strategy_cls = plugins[name].load()
-    if not (inspect.isclass(strategy_cls) and issubclass(strategy_cls, Strategy)):
-        raise UserError(f"[strategy] {name!r} is not a subclass of flwr.serverapp.strategy.Strategy")
-    return strategy_cls
+    return resolve_class(name, STRATEGIES, STRATEGY_PLUGINS, Strategy, "strategy", "[strategy] name")
 
 
 def trainer_class(strategy_cls: type[Strategy]) -> type[ClientTrainer]:

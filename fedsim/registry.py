@@ -119,6 +119,41 @@ def plugin_table(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def resolve_class(
+    name: str, built_in: Mapping[str, type], plugin_group: str, base: type, what: str, where: str
+) -> type:
+    """The class ``name`` stands for: fedsim's own (``built_in``), an installed package's
+    entry point in ``plugin_group``, or a ``"package.module:Class"`` reference; a
+    UserError unless it is a subclass of ``base``. ``what`` names the kind ("strategy"),
+    ``where`` the key the name came from ("[strategy] name", "method")."""
+    if ":" in name:
+        cls = load_reference(name, what)
+    elif name in built_in:
+        cls = built_in[name]
+    else:
+        plugins = plugin_table(plugin_group)
+        if name not in plugins:
+            known = sorted({*built_in, *plugins})
+            raise UserError(
+                f"{where} = {name!r} is not a known {what}{did_you_mean(name, known)} "
+                f"(choose from: {', '.join(known)}, or give 'package.module:ClassName')"
+            )
+        cls = plugins[name].load()
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise UserError(f"{where} = {name!r} is not a subclass of {_public_name(base)}")
+    return cls
+
+
+def _public_name(cls: type) -> str:
+    """``package.Class`` by the shortest package that exports the class."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:end]))
+        if module is not None and getattr(module, cls.__name__, None) is cls:
+            return f"{module.__name__}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _initialisers(component: Callable[..., Any]) -> list[Callable[..., Any]]:
     """The functions whose parameters a component accepts.
 

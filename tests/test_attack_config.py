@@ -183,7 +183,6 @@ def test_a_run_reports_each_attacker_and_plots_the_window(tmp_path):
     assert (run.path / "plots" / "attack.png").stat().st_size > 0
 
 
-
 @pytest.mark.parametrize("defence", ["norm-clipping", "fedmedian", "rlr"])
 def test_a_rule_that_keeps_every_reply_reports_no_detection(defence, tmp_path):
     """Clipping, medians and RLR bound every client's influence and drop nobody: a
@@ -196,6 +195,7 @@ def test_a_rule_that_keeps_every_reply_reports_no_detection(defence, tmp_path):
     assert run.summary["detection"] is None and run.summary["asr_by_attacker"]
     metrics = RunDirectory(run.path).read_metrics()
     assert not metrics.metric.isin(["seen", "rejected"]).any()
+
 
 def test_an_attacked_run_resumes_exactly(tmp_path, monkeypatch):
     experiment = with_attacks(

@@ -35,24 +35,9 @@ def attack_class(method: str) -> type[AttackTrainer]:
     """The attack named ``method``: fedsim's, a user's entry point in the group
     ``"fedsim.attacks"``, or a ``"package.module:Class"`` reference."""
     from fedsim.attacks import ATTACK_PLUGINS, ATTACKS
-    from fedsim.registry import did_you_mean, load_reference, plugin_table
+    from fedsim.registry import resolve_class
 
-    if ":" in method:
-        cls = load_reference(method, "attack")
-    elif method in ATTACKS:
-        cls = ATTACKS[method]
-    else:
-        plugins = plugin_table(ATTACK_PLUGINS)
-        if method not in plugins:
-            known = sorted({*ATTACKS, *plugins})
-            raise UserError(
-                f"method {method!r} is not a known attack{did_you_mean(method, known)} "
-                f"(choose from: {', '.join(known)}, or give 'package.module:ClassName')"
-            )
-        cls = plugins[method].load()
-    if not (isinstance(cls, type) and issubclass(cls, AttackTrainer)):
-        raise UserError(f"attack {method!r} is not a subclass of fedsim.attacks.base.AttackTrainer")
-    return cls
+    return resolve_class(method, ATTACKS, ATTACK_PLUGINS, AttackTrainer, "attack", "method")
 
 
 @dataclass(frozen=True)
