@@ -100,9 +100,16 @@ class ClientTrainer:
 
     A trainer for a strategy with several global models (:mod:`fedsim.multimodel`) sets
     ``takes_several_models``: it then receives, and returns, a dict of named ArrayRecords.
+
+    ``can_vectorize``: whether ``[engine] vectorize`` may train this trainer's clients K at
+    a time (:mod:`fedsim.vectorize`). A subclass whose local training the vectorised loop
+    would not reproduce declares False; one that overrides ``fit``, ``batch_loss``,
+    ``before_step``, ``make_optimizer`` or ``train`` is refused anyway, unless the loop
+    knows the override (:func:`fedsim.vectorize.vectorizable`).
     """
 
     takes_several_models: bool = False
+    can_vectorize: bool = True
 
     def receive(self, model: nn.Module, arrays: ArrayRecord, state: ClientState) -> None:
         """Load the server's arrays into the model."""

@@ -53,21 +53,17 @@ class Worker:
     @functools.cached_property
     def vectorize(self) -> int:
         """How many clients this worker trains at once: ``[engine] vectorize`` (1: one at a
-        time), or for ``"auto"`` the most that the memory estimate fits on the device."""
+        time), or for ``"auto"`` what :func:`fedsim.vectorize.auto_k` chooses."""
         wanted = self.env.experiment.engine.params.get("vectorize", 1)
         if wanted != "auto":
             return int(wanted)
-        from fedsim.vectorize import available_bytes, choose_k, estimate_bytes_per_client
+        from fedsim.vectorize import auto_k
 
-        batch_size = self.env.experiment.client.batch_size
         shape = self.dataset.input_shape
-        chosen = choose_k(self.model(), batch_size, shape, self.device, max_k=self.partition.num_clients)
-        per_client = estimate_bytes_per_client(self.model(), batch_size, shape)
-        note(
-            f"[engine] vectorize = 'auto': {chosen} clients at once on {self.device} "
-            f"({per_client / 2**20:.1f} MiB each by the memory estimate, {available_bytes(self.device) / 2**20:.0f} MiB "
-            "available)"
+        chosen, why = auto_k(
+            self.model(), self.env.experiment.client.batch_size, shape, self.device, max_k=self.partition.num_clients
         )
+        note(f"[engine] vectorize = 'auto': {why}")
         return chosen
 
     @functools.cached_property

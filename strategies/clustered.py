@@ -41,6 +41,7 @@ def weight_key(index: int) -> str:
 class SeveralModelsTrainer(ClientTrainer):
     """A client of a several-model strategy: it receives a dict of named model records."""
 
+    can_vectorize = False  # each client trains several models, or picks one, per round
     takes_several_models = True
 
     def train(

@@ -21,6 +21,8 @@ from strategies import history
 class HistoryTrainer(ClientTrainer):
     """FedAvg's local training on current data plus (``keep``) the history buffer."""
 
+    can_vectorize = False  # trains on its history buffer, which the vectorised loop does not see
+
     def train(self, model, arrays, data, config, state, generator, device):
         keep = config.extra.get("history", "keep") == "keep"
         bound = int(config.extra.get("history-size", 0))

@@ -148,6 +148,8 @@ def split(arrays: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord]:
 class FRAugTrainer(FedBNTrainer):
     """FRAug's client: the three steps per batch; BN, RTNet and prototypes stay local."""
 
+    can_vectorize = False  # two-stage local training with the generator and RTNet
+
     def receive(self, model: nn.Module, arrays: ArrayRecord, state: ClientState) -> None:
         """The model's part of the arrays, with this client's own BatchNorm (FedBN's rule)."""
         super().receive(model, split(arrays)[0], state)

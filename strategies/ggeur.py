@@ -189,6 +189,8 @@ class Generation:
 class GGEURTrainer(ClientTrainer):
     """Answers the statistics query; trains the head on its embeddings plus generated ones."""
 
+    can_vectorize = False  # trains a head on features and generated embeddings
+
     def __init__(self) -> None:
         self._generated: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 

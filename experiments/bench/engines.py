@@ -239,7 +239,7 @@ def vectorized(workloads: list[str], sizes: list[int], repeats: int, device: str
             "best_k": best,
             "vectorized_over_sequential": rates[best] / rates[1],
         }
-        shown = "  ".join(f"K={k}: {rate:.0f}/s" for k, rate in rates.items())
+        shown = "  ".join(f"K={k}: {rate:.3g}/s" for k, rate in rates.items())
         print(f"  {workload:24s} {shown}  (best K={best}: {rates[best] / rates[1]:.2f}x one at a time)")
     return results
 

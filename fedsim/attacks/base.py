@@ -82,6 +82,7 @@ class AttackTrainer(ClientTrainer):
     decided outside (the experiment's ``[[attack]]`` tables).
     """
 
+    can_vectorize = False  # poisons its own batches; an attacker always trains alone
     name = "attack"
     default_trigger: ClassVar[str | None] = None  # the kind of trigger made when none is given
     trigger_kinds: ClassVar[tuple[str, ...] | None] = None  # the kinds the attack can use (None: any)

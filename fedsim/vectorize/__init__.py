@@ -64,11 +64,12 @@ The package, by the order a reader meets it:
 """
 
 from fedsim.vectorize.fit import KNOWN_METHODS, ClientFit, fit_clients, train_clients, vectorizable
-from fedsim.vectorize.memory import available_bytes, choose_k, estimate_bytes_per_client
+from fedsim.vectorize.memory import auto_k, available_bytes, choose_k, estimate_bytes_per_client
 
 __all__ = [
     "KNOWN_METHODS",
     "ClientFit",
+    "auto_k",
     "available_bytes",
     "choose_k",
     "estimate_bytes_per_client",

@@ -43,6 +43,8 @@ def vectorizable(trainer: ClientTrainer) -> tuple[bool, str]:
     cls = type(trainer)
     if not isinstance(trainer, ClientTrainer):
         return False, f"{cls.__name__} is not a ClientTrainer"
+    if not trainer.can_vectorize:
+        return False, f"{cls.__name__} declares can_vectorize = False"
     if getattr(trainer, "takes_several_models", False):
         return False, f"{cls.__name__} trains several models per client"
     for name, known in KNOWN_METHODS.items():
