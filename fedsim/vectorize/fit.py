@@ -20,7 +20,7 @@ from fedsim.vectorize.vmap_step import run_vmap
 from strategies.fedwon import AGC_LAMBDA, FedWonTrainer, classifier
 
 # The methods of ClientTrainer that shape local training, and the classes whose versions
-# of them this module reproduces. A trainer whose class (or instance) takes any of them
+# of them this package reproduces. A trainer whose class (or instance) takes any of them
 # from elsewhere is not vectorisable. ``train`` is here because a caller that replaces
 # ``trainer.train`` by :func:`train_clients` would skip an override of it; ``receive``
 # and ``send`` are not, as :func:`train_clients` calls the trainer's own.
