@@ -170,7 +170,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         together: list[tuple[int, TrainCall]] = []
         for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
             call = prepare_train(message, context)
-            if call.fault is None and call.worker.trains_together(call.trainer, call.received):
+            if call.fault is None and call.worker.trains_together(call.trainer):
                 together.append((index, call))
             else:
                 replies[index] = train_alone(call)

@@ -35,14 +35,18 @@ def run_label(name: str) -> Iterator[None]:
 
 
 def warn(message: str) -> None:
-    where = f"{_LABELS[-1]}: " if _LABELS else ""
-    print(f"warning: {where}{message}", file=sys.stderr, flush=True)
+    """A problem the run goes on despite, on stderr."""
+    _say("warning", message)
 
 
 def note(message: str) -> None:
     """A choice fedsim made for the user (not a problem), on stderr."""
-    where = f"{_LABELS[-1]}: " if _LABELS else ""
-    print(f"note: {where}{message}", file=sys.stderr, flush=True)
+    _say("note", message)
+
+
+def _say(kind: str, message: str) -> None:
+    where = f"{_LABELS[-1]}: " if _LABELS else ""  # which run of a sweep says it
+    print(f"{kind}: {where}{message}", file=sys.stderr, flush=True)
 
 
 def evaluates_after(experiment: Experiment, server_round: int) -> bool:

@@ -78,15 +78,11 @@ class Worker:
             warn(f"[engine] vectorize: clients train one at a time: {reason}")
         return None if ok else reason
 
-    def trains_together(self, trainer: ClientTrainer, received) -> bool:
-        """Whether a client with this trainer and these arrays can join a vectorised group:
-        the strategy's own trainer (an attacker's is not), one model, a vectorisable trainer."""
-        return (
-            self.vectorize > 1
-            and trainer is self.trainer
-            and not isinstance(received, dict)
-            and self._why_not_vectorised is None
-        )
+    def trains_together(self, trainer: ClientTrainer) -> bool:
+        """Whether a client with this trainer can join a vectorised group: the strategy's own
+        trainer (an attacker's is not), and one :func:`fedsim.vectorize.vectorizable` accepts
+        (which refuses a trainer that takes several models)."""
+        return self.vectorize > 1 and trainer is self.trainer and self._why_not_vectorised is None
 
     def trainer_for(self, client: int) -> ClientTrainer:
         """What ``client`` runs: the strategy's trainer, or, for a client an ``[[attack]]``

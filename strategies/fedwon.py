@@ -40,6 +40,13 @@ def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def agc_scale(max_norm: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """AGC's factor per unit: max_norm / ||G_i|| where ||G_i|| exceeds max_norm, else 1.
+    Shared with the vectorised trainers (:mod:`fedsim.vectorize`), which must clip as this
+    does."""
+    return torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-12), torch.ones_like(grad_norm))
+
+
 def adaptive_clip_(parameters: Iterable[nn.Parameter], clip_lambda: float, eps: float = AGC_EPS) -> None:
     """Adaptive gradient clipping, in place: for each unit i, if
     ||G_i|| / max(||W_i||, eps) > lambda, then G_i <- lambda * max(||W_i||, eps) / ||G_i|| * G_i."""
@@ -48,8 +55,7 @@ def adaptive_clip_(parameters: Iterable[nn.Parameter], clip_lambda: float, eps: 
             continue
         max_norm = clip_lambda * unitwise_norm(parameter).clamp_min(eps)
         grad_norm = unitwise_norm(parameter.grad)
-        scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-12), torch.ones_like(grad_norm))
-        parameter.grad.mul_(scale)
+        parameter.grad.mul_(agc_scale(max_norm, grad_norm))
 
 
 def classifier(model: nn.Module) -> nn.Module:

@@ -182,19 +182,26 @@ def test_unequal_sizes_padded_and_masked(dtype, engine):
     assert fits[4].metrics["train_loss"] == 0.0
 
 
+def fedwon_resnet_case(data_seed: int, sizes: tuple[int, ...]):
+    """FedWon's ResNet (no norm, WSConv) in float64 for three clients of ``sizes`` samples,
+    each with its own AGC threshold (0.01, 0.05, 0.32: small enough that clipping happens)."""
+    model = build_model("resnet", (3, 8, 8), 4, norm="none", width=4).double()
+    starts = [perturbed_state(model, seed) for seed in range(len(sizes))]
+    datas = [client_data(n, (3, 8, 8), 4, data_seed + seed, np.float64) for seed, n in enumerate(sizes)]
+    configs = [
+        RoundConfig(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4, extra={AGC_LAMBDA: value})
+        for value in (0.01, 0.05, 0.32)
+    ]
+    return model, starts, datas, configs
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_fedwon_adaptive_gradient_clipping(engine):
     """AGC on every parameter but the head (WSConv gains, skip gains, biases), per client
     threshold; a small threshold so that clipping happens. In float64: in float32 a
     rounding difference can flip one unit's clip-or-not decision (about once in 50 runs,
     on either engine), which then moves the weights by 4e-5."""
-    model = build_model("resnet", (3, 8, 8), 4, norm="none", width=4).double()
-    starts = [perturbed_state(model, seed) for seed in range(3)]
-    datas = [client_data(n, (3, 8, 8), 4, 30 + seed, np.float64) for seed, n in enumerate((16, 12, 7))]
-    configs = [
-        RoundConfig(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4, extra={AGC_LAMBDA: value})
-        for value in (0.01, 0.05, 0.32)
-    ]
+    model, starts, datas, configs = fedwon_resnet_case(data_seed=30, sizes=(16, 12, 7))
     fits, _ = assert_same(FedWonTrainer(), model, starts, datas, configs, atol=ATOL64, engine=engine)
     assert [fit.metrics[AGC_LAMBDA] for fit in fits] == [0.01, 0.05, 0.32]
     moved(fits, starts)
@@ -405,13 +412,7 @@ def test_stacked_layouts_fedwon_resnet(layout):
     clips a unit or not by comparing two norms, so in float32 a rounding difference at a
     unit on the threshold can move a weight by 1e-5 or more (seen about once in fifty
     runs of test_fedwon_adaptive_gradient_clipping, either engine)."""
-    model = build_model("resnet", (3, 8, 8), 4, norm="none", width=4).double()
-    starts = [perturbed_state(model, seed) for seed in range(3)]
-    datas = [client_data(n, (3, 8, 8), 4, 100 + seed, np.float64) for seed, n in enumerate((12, 9, 6))]
-    configs = [
-        RoundConfig(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4, extra={AGC_LAMBDA: value})
-        for value in (0.01, 0.05, 0.32)
-    ]
+    model, starts, datas, configs = fedwon_resnet_case(data_seed=100, sizes=(12, 9, 6))
     fits, _ = assert_same(FedWonTrainer(), model, starts, datas, configs, atol=ATOL64, engine="stacked")
     moved(fits, starts)
 

@@ -29,8 +29,9 @@ Vectorize = Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"]
 (:mod:`fedsim.vectorize`; 1, the default, trains them one after another), or ``"auto"``:
 the most that fit the device's free memory (the RAM on a CPU), by a memory estimate of the
 model and the batch, except on a CPU for a model above a million parameters, where one at
-a time was measured faster (:func:`fedsim.vectorize.auto_k`). Clients whose trainer or model the vectorised loop does not reproduce
-(said once), attackers, and clients with a time limit train one at a time."""
+a time was measured faster (:func:`fedsim.vectorize.auto_k`). Clients whose trainer or
+model the vectorised loop does not reproduce (said once), attackers, and clients with a
+time limit train one at a time."""
 
 
 class InProcessGrid(SimulatedGrid):

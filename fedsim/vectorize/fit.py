@@ -92,14 +92,9 @@ def _aliases(model: nn.Module) -> tuple[list[str], list[str], list[str], dict[st
     return trainable, frozen, buffer_names, alias
 
 
-def _stack_states(
-    model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], names: list[str], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """The clients' values of each named tensor, stacked on a leading client dimension,
-    with the model's dtype (as ``load_state_dict`` copies). A state must have every key of
-    the model's state dict and no other (a strict load); a non-persistent buffer, which a
-    state dict lacks, starts from the model's own value."""
-    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+def _check_states(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Each state must have every key of the model's state dict and no other, as a strict
+    ``load_state_dict`` requires."""
     expected = set(model.state_dict().keys())
     for number, state in enumerate(states):
         missing, unexpected = expected - set(state), set(state) - expected
@@ -108,8 +103,21 @@ def _stack_states(
                 f"client {number}'s starting state does not fit the model: missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(unexpected)[:3]}"
             )
-    _, _, _, alias = _aliases(model)
-    keys_of = {name: [key for key in expected if alias.get(key) == name] for name in names}
+
+
+def _stack_states(
+    model: nn.Module,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    names: list[str],
+    alias: Mapping[str, str],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """The clients' values of each named tensor, stacked on a leading client dimension,
+    with the model's dtype (as ``load_state_dict`` copies); ``alias`` maps each state-dict
+    key to its tensor's name (:func:`_aliases`). A non-persistent buffer, which a state
+    dict lacks, starts from the model's own value."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    keys_of = {name: [key for key, target in alias.items() if target == name and key in states[0]] for name in names}
     stacked = {}
     for name in names:
         reference = own[name]
@@ -185,9 +193,10 @@ def fit_clients(
     model.train()
     has_bn, has_bn1d = _check_model(model, configs)
 
+    _check_states(model, states)
     trainable, frozen, buffer_names, alias = _aliases(model)
-    params = _stack_states(model, states, trainable, device)
-    others = _stack_states(model, states, frozen + buffer_names, device)
+    params = _stack_states(model, states, trainable, alias, device)
+    others = _stack_states(model, states, frozen + buffer_names, alias, device)
     head = {id(parameter) for parameter in classifier(model).parameters()}
     named = dict(model.named_parameters())
     clipped = [name for name in trainable if id(named[name]) not in head] if fedwon else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies.fedwon import AGC_EPS
+from strategies.fedwon import AGC_EPS, agc_scale
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which ClientTrainer.make_optimizer keeps
 ADAM_EPS = 1e-8
@@ -40,8 +40,7 @@ def clip_stacked(trainable, clipped, leaves, grads, clip_lambda: torch.Tensor) -
         if name in chosen:
             max_norm = client_view(clip_lambda, param) * client_norm(param).clamp_min(AGC_EPS)
             grad_norm = client_norm(grad)
-            scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-12), torch.ones_like(grad_norm))
-            grad = grad * scale
+            grad = grad * agc_scale(max_norm, grad_norm)
         out.append(grad)
     return out
 

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from fedsim.vectorize.batches import Records, StackedClients, groups_at, padded_rows, scatter_clients, select_clients
 from fedsim.vectorize.layers import call, module_paths
 from fedsim.vectorize.optimizers import ADAM_BETAS, ADAM_EPS
-from strategies.fedwon import AGC_EPS, unitwise_norm
+from strategies.fedwon import AGC_EPS, agc_scale, unitwise_norm
 
 
 class ClientStep:
@@ -55,8 +55,7 @@ class ClientStep:
         for name in self.clipped or ():
             max_norm = clip_lambda * unitwise_norm(params[name]).clamp_min(AGC_EPS)
             grad_norm = unitwise_norm(grads[name])
-            scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-12), torch.ones_like(grad_norm))
-            clipped[name] = grads[name] * scale
+            clipped[name] = grads[name] * agc_scale(max_norm, grad_norm)
         return clipped
 
     def __call__(self, params, others, slots, anchor, hyper, x, y, mask):
