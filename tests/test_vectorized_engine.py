@@ -103,7 +103,7 @@ def test_auto_chooses_a_size_and_says_which(tmp_path, capsys):
 def test_bad_vectorize_values_are_one_line_errors(value):
     with pytest.raises(UserError, match="vectorize") as error:
         tiny_experiment(f"engine.vectorize={value}")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "or 'auto'" in str(error.value)
 
 
 @pytest.mark.slow  # the Ray worker runs the same run_tasks as the in-process engine, tested above

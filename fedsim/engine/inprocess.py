@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.clientapp import ClientApp
-from pydantic import Field, StringConstraints
+from pydantic import Field, PlainValidator, StringConstraints
 
 from fedsim.engine.base import ServerMain
 from fedsim.engine.grid import SimulatedGrid
@@ -24,7 +24,17 @@ from fedsim.worker import settle_garbage_collector, worker_for
 from partitioners import Partition
 
 Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")]
-Vectorize = Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"]
+MAX_VECTORIZE = 100_000
+
+
+def _vectorize(value: object) -> int | str:
+    """``[engine] vectorize``: a whole number of clients or "auto" (one message for both)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VECTORIZE):
+        return value
+    raise ValueError(f"use a whole number of clients from 1 to {MAX_VECTORIZE:,}, or 'auto'")
+
+
+Vectorize = Annotated[int | Literal["auto"], PlainValidator(_vectorize)]
 """``[engine] vectorize``: how many of a round's clients a worker trains at once
 (:mod:`fedsim.vectorize`; 1, the default, trains them one after another), or ``"auto"``:
 the most that fit the device's free memory (the RAM on a CPU), by a memory estimate of the
