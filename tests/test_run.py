@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from fedsim.cli import main
 from fedsim.config import load_experiment
@@ -138,26 +137,40 @@ def test_impossible_partition_is_a_one_line_error(tmp_path, capsys):
 
 
 README_QUICKSTART_ROW = re.compile(r"^\| `quickstart\.toml` \(seed 0\) \| (\d\.\d{4}) \|", re.MULTILINE)
-README_CAPABILITY = re.compile(r"whose PyTorch runs (\w+) kernels")
+README_TOLERANCE = re.compile(r"within ±(0\.\d+) of the table's figure")
 
 
 def test_quickstart_reaches_its_target_and_the_readme_figure(tmp_path, capsys):
     """The README's promise: FedAvg on mnist5k, Dirichlet(0.5), 20 rounds -> >= 0.92, and
-    to four decimals the figure its table shows, on a CPU that runs the kernels the README
-    names (float sums, and so the last digits, depend on them)."""
+    the figure its table shows within the tolerance it states. Float sums, and so the last
+    digits, depend on the kernels a CPU gets (Intel and AMD chips with AVX512 get different
+    oneDNN/MKL paths), so the exact bits are checked on one machine instead: see
+    test_a_run_gives_the_same_bits_twice_on_one_machine."""
     assert main(["run", "--out", str(tmp_path / "qs")]) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "qs/summary.json").read_text())
     assert summary["accuracy"] >= 0.92
     assert f"accuracy {summary['accuracy']:.4f}" in out
     readme = (ROOT / "README.md").read_text()
-    figure = README_QUICKSTART_ROW.search(readme).group(1)
-    capability = README_CAPABILITY.search(readme).group(1)
-    if torch.backends.cpu.get_cpu_capability() == capability:
-        assert f"{summary['accuracy']:.4f}" == figure, "README.md's quickstart figure is out of date"
+    figure = float(README_QUICKSTART_ROW.search(readme).group(1))
+    tolerance = float(README_TOLERANCE.search(readme).group(1))
+    assert abs(summary["accuracy"] - figure) <= tolerance + 1e-12, (
+        f"the quickstart ends at {summary['accuracy']:.4f}, more than {tolerance} from README.md's {figure:.4f}"
+    )
     labels = Partition.load(tmp_path / "qs/partition.npz").label_matrix()
     shares = labels / labels.sum(axis=1, keepdims=True)
     assert np.mean(shares.max(axis=1)) > 0.2, "Dirichlet(0.5) should be visibly non-IID"
+
+
+def test_a_run_gives_the_same_bits_twice_on_one_machine(tmp_path):
+    """The exact-figure check that holds on any CPU: the quickstart's first rounds, run
+    twice in one process, write the same metrics to the last bit."""
+    tables = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        assert main(["run", "--set", "rounds=3", "--out", str(out), "--quiet"]) == 0
+        tables.append(pd.read_csv(out / "metrics.csv"))
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
 
 
 RAY_REASON = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)
