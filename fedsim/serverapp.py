@@ -21,11 +21,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim import multimodel
 from fedsim.attacks.metrics import AttackMetrics
-from fedsim.attacks.plan import AttackPlan
+from fedsim.attacks.plan import AttackPlan, tell_attackers
 from fedsim.checkpoint import Checkpoint, restore_strategy, strategy_state
 from fedsim.clientapp import DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
 from fedsim.components import make_strategy, resolve_strategy, trainer_class
 from fedsim.config import Experiment
+from fedsim.data.dataset import local_test_size
 from fedsim.environment import RunEnvironment
 from fedsim.faults import FaultPlan, RoundFaults, Screen
 from fedsim.ordered_grid import OrderedGrid, discover_clients
@@ -167,6 +168,10 @@ class Federation:
         config = ConfigRecord({**train_config(self.experiment, server_round), **self.slot_config(server_round)})
         messages = strategy.configure_train(server_round, arrays, config, grid)
         messages = self.screen.plan.inject(messages, server_round, grid.clients)
+        if self.attacks is not None:  # what an attacker is told of the round (the sampled clients' examples)
+            messages = tell_attackers(
+                self.attacks.plan, messages, grid.clients, lambda client: self.train_size(client, server_round)
+            )
         replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
         replies, faults = self.screen.train(replies, server_round, grid.clients, arrays)
         trained = len(replies)  # useful replies: what the strategy aggregates
@@ -195,6 +200,12 @@ class Federation:
             self.save_checkpoint(server_round, strategy, arrays)
         self.on_round(server_round, self.final, trained=trained)
         return arrays
+
+    def train_size(self, client: int, server_round: int) -> int:
+        """How many training examples ``client`` holds in ``server_round`` (its view of the
+        round's slot, less its held-out share), known from the partition without its data."""
+        n = len(self.partition.view_at(client, self.partition.slot_of(server_round)).indices)
+        return n - local_test_size(n, self.experiment.client.local_test_fraction)
 
     def slot_config(self, server_round: int) -> dict[str, int]:
         return {TIME_SLOT: self.partition.slot_of(server_round)}

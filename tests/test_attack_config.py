@@ -13,7 +13,7 @@ import pytest
 from fedsim.attacks.base import STATE_PREFIX
 from fedsim.attacks.metrics import BENIGN, AttackMetrics
 from fedsim.attacks.mirage import PATTERN
-from fedsim.attacks.plan import AttackPlan
+from fedsim.attacks.plan import AttackPlan, check_attacks_fit_data
 from fedsim.attacks.triggers import Trigger
 from fedsim.config import validate
 from fedsim.data import Dataset
@@ -67,10 +67,29 @@ def test_a_dba_group_splits_one_patch_among_its_clients():
     assert parts[0].test_trigger == Trigger(size=2), "measured with the full patch"
 
 
+def test_a_dba_group_without_a_trigger_gets_the_reference_bars_and_its_options():
+    dba = {"method": "dba", "target": 2, "group": "g", "options": {"scale": 4.0, "bar": [1, 2], "gap": 1}}
+    plan = AttackPlan.from_experiment(with_attacks({**dba, "clients": [0, 3]}, {**dba, "clients": [1]}), 4)
+    attacks = [plan.trainer_for(client, ClientTrainer()) for client in (0, 3, 1)]
+    full = Trigger("bars", bars=3, bar=(1, 2), gap=1)
+    assert all(a.test_trigger == full and a.scale == 4.0 for a in attacks)
+    masks = [a.training_trigger().mask(8, 8) for a in attacks]
+    assert not (masks[0] & masks[1]).any()
+    np.testing.assert_array_equal(masks[0] | masks[1] | masks[2], full.mask(8, 8))
+    with pytest.raises(UserError, match=r"\(dba\): a bar is \(height, width\), both >= 1; got \(0, 2\)"):
+        with_attacks({**dba, "clients": [0], "options": {"bar": [0, 2]}})
+    too_many = with_attacks({**dba, "clients": [0], "options": {"local_triggers": 20}})
+    with pytest.raises(UserError, match=r"#1 trigger: 20 bars of 1x1 pixels.*do not fit a 8x8 image"):
+        check_attacks_fit_data(too_many, (1, 8, 8), 10, 4)
+
+
 def test_attackers_in_a_group_must_agree_on_what_they_collude_on():
     dba = {"method": "dba", "target": 2, "group": "g"}
-    with pytest.raises(UserError, match="group 'g'.*same method, target and trigger"):
+    with pytest.raises(UserError, match="group 'g'.*same method, target, trigger and options"):
         AttackPlan.from_experiment(with_attacks({**dba, "clients": [0]}, {**dba, "target": 3, "clients": [1]}), 4)
+    with pytest.raises(UserError, match="group 'g'.*same method, target, trigger and options"):
+        other_bars = {**dba, "clients": [1], "options": {"bar": [1, 2]}}
+        AttackPlan.from_experiment(with_attacks({**dba, "clients": [0]}, other_bars), 4)
 
 
 # -- what benign clients receive ------------------------------------------------------------
@@ -166,7 +185,11 @@ def test_a_run_reports_each_attacker_and_plots_the_window(tmp_path):
     experiment = with_attacks(
         {**BADNETS, "clients": [0], "window": [2, 2]},
         {**BADNETS, "target": 2, "clients": [1], "trigger": {"size": 2, "location": "top-left"}},
-        overrides=("rounds=3", "strategy.defence=multikrum", "strategy.defence_options={num_nodes_to_select=2}"),
+        overrides=(
+            "rounds=3",
+            "strategy.defence=multikrum",
+            "strategy.defence_options={num_malicious_nodes=0,num_nodes_to_select=2}",
+        ),
     )
     run = run_experiment(experiment, tmp_path / "run")
     summary = run.summary

@@ -245,41 +245,52 @@ def test_model_replacement_scales_the_update_by_gamma(data):
     assert poisoned_count(with_trigger.state) > 0
 
 
-def test_neurotoxin_update_is_zero_on_the_top_k_benign_coordinates(data):
+def test_neurotoxin_global_update_direction_masks_the_largest_coordinates_of_the_last_global_update(data):
     model = lenet()
     previous = {
         k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
         for k, v in model.state_dict().items()
     }
     arrays = ArrayRecord(model.state_dict())
-    attacker = Neurotoxin(ClientTrainer(), target=0, top_k=0.05)
+    attacker = Neurotoxin(ClientTrainer(), target=0, ratio=0.95, direction="global_update")
     # the attacker saw `previous` last time it trained: the benign direction is previous - current
     first = run(attacker, lenet(), ArrayRecord(previous), data, round_=1)
     assert any(key.startswith(STATE_PREFIX + PREVIOUS) for key in first.state)
-    result = run(attacker, lenet(), arrays, data, round_=2, state=first.state, weight_decay=1e-3, momentum=0.9)
     names = [name for name, _ in model.named_parameters()]
     direction = torch.cat([(previous[n] - model.state_dict()[n]).abs().reshape(-1) for n in names])
-    k = int(0.05 * direction.numel())
-    top = torch.zeros(direction.numel(), dtype=torch.bool)
-    top[torch.topk(direction, k).indices] = True
-    update = torch.cat([torch.as_tensor(result.arrays[n].numpy() - arrays[n].numpy()).reshape(-1) for n in names])
-    assert k > 0 and torch.all(update[top] == 0)
-    assert (update[~top] != 0).float().mean() > 0.5  # it did train elsewhere
+    masked = torch.ones(direction.numel(), dtype=torch.bool)
+    masked[torch.topk(-direction, int(direction.numel() * 0.95)).indices] = False
+
+    def update(result):
+        return torch.cat([torch.as_tensor(result.arrays[n].numpy() - arrays[n].numpy()).reshape(-1) for n in names])
+
+    # without weight decay a masked coordinate never moves, momentum or not
+    result = run(attacker, lenet(), arrays, data, round_=2, state=first.state, momentum=0.9)
+    assert masked.sum() > 0 and torch.all(update(result)[masked] == 0)
+    assert (update(result)[~masked] != 0).float().mean() > 0.5  # it did train elsewhere
     # the state now remembers this round's global arrays
     np.testing.assert_array_equal(result.state[STATE_PREFIX + PREVIOUS + names[0]], arrays[names[0]].numpy())
+    # weight decay is added by the optimizer after the mask, as in the authors' code ...
+    decayed = run(attacker, lenet(), arrays, data, round_=2, state=first.state, weight_decay=1e-3, momentum=0.9)
+    assert (update(decayed)[masked] != 0).float().mean() > 0.5
+    # ... unless the masked coordinates are reset to the global values after training
+    resetting = Neurotoxin(ClientTrainer(), target=0, ratio=0.95, direction="global_update", reset_masked=True)
+    reset = run(resetting, lenet(), arrays, data, round_=2, state=first.state, weight_decay=1e-3, momentum=0.9)
+    assert torch.all(update(reset)[masked] == 0)
 
 
-def test_neurotoxin_without_history_masks_the_clean_gradient_top_k(data):
+def test_neurotoxin_keeps_no_history_for_the_clean_gradient_and_masks_per_layer(data):
     arrays = ArrayRecord(lenet().state_dict())
-    result = run(Neurotoxin(ClientTrainer(), target=0, top_k=0.1, per_layer=True), lenet(), arrays, data)
+    result = run(Neurotoxin(ClientTrainer(), target=0, ratio=0.9, per_layer=True), lenet(), arrays, data)
+    assert not any(key.startswith(STATE_PREFIX + PREVIOUS) for key in result.state)
     for name, p in lenet().named_parameters():
         update = result.arrays[name].numpy() - arrays[name].numpy()
-        assert (update == 0).mean() >= int(0.1 * p.numel()) / p.numel()
+        assert (update == 0).mean() >= (p.numel() - int(p.numel() * 0.9)) / p.numel()
 
 
 def test_dba_trains_with_its_part_and_is_tested_with_the_full_patch():
     full = Trigger("patch", size=4, location="top-left", value=9.0)
-    attacker = DBA(ClientTrainer(), target=1, part=2, parts=4, trigger=full)
+    attacker = DBA(ClientTrainer(), target=1, part=2, parts=4, trigger=full, poison_fraction=0.125)
     assert attacker.test_trigger == full
     xp, _, count = attacker.poison(torch.zeros(8, 1, 8, 8), torch.full((8,), 5))
     assert count == 1
@@ -347,9 +358,13 @@ def test_mirage_learns_a_clamped_pattern_keeps_it_in_state_and_trains_with_it(da
     pattern = result.state[STATE_PREFIX + PATTERN]
     assert pattern.shape == (1, 8, 8)
     assert np.all(np.abs(pattern) <= 0.52 + 1e-7)
-    steps = (pattern - 0.5) / 0.01  # 3 sign steps of 0.01 from 0.5, clamped at 0.52
+    steps = (pattern - 0.5) / 0.01  # sign steps of 0.01 from 0.5, clamped at 0.52
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
-    assert pattern.min() >= 0.47 - 1e-6
+    # one step per batch holding target-class samples, in each of the 3 iterations
+    batches_with_target = sum(bool((data.y_train[i : i + 32] == 2).any()) for i in range(0, 200, 32))
+    assert batches_with_target == 7
+    assert pattern.min() >= 0.5 - 3 * batches_with_target * 0.01 - 1e-6
+    assert np.abs(np.round(steps)).max() > 3  # more than one step per iteration
     assert not np.allclose(pattern, 0.5)
     assert poisoned_count(result.state) > 0
     learned = attacker.learned_trigger(result.state)
@@ -359,11 +374,12 @@ def test_mirage_learns_a_clamped_pattern_keeps_it_in_state_and_trains_with_it(da
     assert not np.array_equal(again.state[STATE_PREFIX + PATTERN], pattern)
 
 
-def test_mirage_trains_at_its_own_lr_and_epochs():
+def test_mirage_trains_with_the_references_sgd_settings():
     config = Mirage(ClientTrainer(), target=0).training_config(RoundConfig(lr=0.1, local_epochs=2))
-    assert (config.lr, config.local_epochs) == (0.01, 5)
-    kept = Mirage(ClientTrainer(), target=0, lr=None, local_epochs=None).training_config(RoundConfig(lr=0.1))
-    assert kept.lr == 0.1
+    assert (config.lr, config.momentum, config.weight_decay, config.local_epochs) == (0.01, 0.9, 5e-4, 5)
+    kept = Mirage(ClientTrainer(), target=0, lr=None, momentum=None, weight_decay=None, local_epochs=None)
+    config = kept.training_config(RoundConfig(lr=0.1, momentum=0.5, local_epochs=2))
+    assert (config.lr, config.momentum, config.weight_decay, config.local_epochs) == (0.1, 0.5, 0.0, 2)
 
 
 def test_attacks_build_from_a_table_as_the_wiring_will_and_pickle():
@@ -371,22 +387,22 @@ def test_attacks_build_from_a_table_as_the_wiring_will_and_pickle():
     assert trigger.location == (1, 1)
     attacker = build(
         ATTACKS["neurotoxin"],
-        {"target": 4, "poison_fraction": 0.25, "window": [3, 6], "top_k": 0.02},
+        {"target": 4, "poison_fraction": 0.25, "window": [3, 6], "ratio": 0.98},
         "[[attack]]",
         trainer=FedWonTrainer(),
         trigger=trigger,
     )
-    assert (attacker.target, attacker.window, attacker.top_k, attacker.trigger) == (4, (3, 6), 0.02, trigger)
+    assert (attacker.target, attacker.window, attacker.ratio, attacker.trigger) == (4, (3, 6), 0.98, trigger)
     assert attacker.clip_lambda is FedWonTrainer.clip_lambda  # the wrapped trainer's own helpers stay reachable
     copy = pickle.loads(pickle.dumps(attacker))
     assert copy.window == (3, 6) and isinstance(copy.trainer, FedWonTrainer)
     with pytest.raises(UserError, match="top_k"):
-        build(ATTACKS["neurotoxin"], {"target": 1, "topk": 0.1}, "[[attack]]", trainer=ClientTrainer())
+        build(ATTACKS["neurotoxin"], {"target": 1, "top_k": 0.1}, "[[attack]]", trainer=ClientTrainer())
 
 
 @pytest.mark.parametrize(
     "attack, default, wrong",
-    [(BadNets, "patch", "blend"), (Blend, "blend", "patch"), (Mirage, "learnable", "patch"), (DBA, "patch", "blend")],
+    [(BadNets, "patch", "blend"), (Blend, "blend", "patch"), (Mirage, "learnable", "patch"), (DBA, "bars", "blend")],
 )
 def test_each_attack_makes_its_default_trigger_and_refuses_a_kind_it_cannot_use(attack, default, wrong):
     from fedsim.trainer import ClientTrainer
@@ -398,26 +414,25 @@ def test_each_attack_makes_its_default_trigger_and_refuses_a_kind_it_cannot_use(
 
 
 def test_mirages_closed_form_detector_head_is_torch_sgds():
-    """The detector head's update is written out (autograd and torch.optim cost ten times
-    the arithmetic on its thousands of tiny steps); it must be torch.optim.SGD's."""
-    from types import SimpleNamespace
-
-    attacker = Mirage(ClientTrainer(), target=1, detector_epochs=4)
+    """The detector head's update is written out (autograd and torch.optim cost several
+    times the arithmetic on its thousands of tiny steps); it must be torch.optim.SGD's on
+    Linear-ReLU-Linear, initialised and shuffled from the same generator."""
+    attacker = Mirage(ClientTrainer(), target=1, detector_epochs=4, detector_batch_size=16)
     features, labels = torch.randn(70, 12), torch.randint(0, 2, (70,))
-    step = SimpleNamespace(generator=torch.Generator().manual_seed(3), config=RoundConfig(batch_size=16))
-    head = attacker.train_detector(features, labels, step)
+    head = attacker.train_detector(features, labels, torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)
-    reference, bound = torch.nn.Linear(12, 2), 1 / math.sqrt(12)
+    reference = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 2))
     with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.copy_((torch.rand(parameter.shape, generator=generator) * 2 - 1) * bound)
+        for parameter, fan_in in zip(reference.parameters(), (12, 12, 10, 10), strict=True):
+            bound = 1 / math.sqrt(fan_in)
+            parameter.copy_(torch.empty(parameter.shape).uniform_(-bound, bound, generator=generator))
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    for _ in range(4):
-        order = torch.randperm(70, generator=generator)
+    orders = [torch.randperm(70, generator=generator) for _ in range(4)]
+    for order in orders:
         for start in range(0, 70, 16):
             index = order[start : start + 16]
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(reference(features[index]), labels[index]).backward()
             optimizer.step()
-    torch.testing.assert_close(head.weight, reference.weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(head.bias, reference.bias, rtol=0, atol=1e-6)
+    for ours, theirs in zip((head.w1, head.b1, head.w2, head.b2), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=1e-6)

@@ -132,7 +132,7 @@ class AttackTrainer(ClientTrainer):
 
     @property
     def test_trigger(self) -> Trigger | None:
-        """The trigger the attack's success is measured with (DBA: the full patch)."""
+        """The trigger the attack's success is measured with (DBA: the global trigger, all its parts)."""
         return self.trigger
 
     def measured_trigger(self, state: ClientState | None = None) -> Trigger | None:
@@ -146,7 +146,7 @@ class AttackTrainer(ClientTrainer):
         return y != self.target
 
     def training_trigger(self) -> Trigger | None:
-        """The trigger stamped on training samples (DBA: this client's part)."""
+        """The trigger stamped on training samples (DBA: this client's local trigger)."""
         return self.trigger
 
     def poison_mask(self, y: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Every evaluation round, on the global model and the dataset's test split:
 - id = the attacker's name, metric ``asr``: the attack success rate, the fraction of the
   test images the attack could poison (those not of its target class; label flipping's:
   those of its source class), stamped with its trigger, that the model classifies as its
-  target. The trigger is the one it is measured with (DBA: the full patch; Mirage: the
+  target. The trigger is the one it is measured with (DBA: the global trigger, all its parts; Mirage: the
   pattern it has learned so far, from the newest state of its clients);
 - id ``all``: ``asr_mean`` and ``asr_gap`` (max - min over the attackers), and
   ``clean_accuracy``, the model's accuracy on the clean test split.

@@ -154,6 +154,35 @@ class AttackPlan:
         return cls(trainer, **kwargs)
 
 
+ROUND_EXAMPLES = "round-examples"  # config key: the training examples of every client sampled in the round
+
+
+def tell_attackers(plan: AttackPlan, messages: list, clients: dict[int, int], train_size) -> list:
+    """The round's train messages, an attacker's with :data:`ROUND_EXAMPLES` added to its
+    config: the training examples of all the round's sampled clients (``train_size(client)``),
+    what model replacement's exact boosting factor needs. Other clients' messages are left
+    as they are."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    sampled = [clients[message.metadata.dst_node_id] for message in messages]
+    if not any(plan.attacker_of(client) is not None for client in sampled):
+        return messages
+    total = int(sum(train_size(client) for client in sampled))
+    told = []
+    for message, client in zip(messages, sampled, strict=True):
+        if plan.attacker_of(client) is None:
+            told.append(message)
+            continue
+        content = RecordDict(
+            {
+                key: ConfigRecord({**record, ROUND_EXAMPLES: total}) if isinstance(record, ConfigRecord) else record
+                for key, record in message.content.items()
+            }
+        )
+        told.append(Message(content=content, metadata=message.metadata))
+    return told
+
+
 def trigger_of(table) -> Trigger | None:
     """A ``[[attack]] trigger`` table as a :class:`Trigger` (None when the table has none)."""
     if table is None:
@@ -187,10 +216,11 @@ def split_among_groups(attackers: list[Attacker]) -> dict[int, tuple[int, int]]:
     for key, members in groups.items():
         first = members[0]
         for other in members[1:]:
-            if (other.method, other.target, other.trigger) != (first.method, first.target, first.trigger):
+            agreed = (first.method, first.target, first.trigger, first.options)
+            if (other.method, other.target, other.trigger, other.options) != agreed:
                 raise UserError(
                     f"[[attack]] group {key!r}: attackers {first.name!r} and {other.name!r} collude, so they must "
-                    "have the same method, target and trigger"
+                    "have the same method, target, trigger and options"
                 )
         if not splits_trigger(attack_class(first.method)):
             continue

@@ -2,7 +2,7 @@
 
 A :class:`Trigger` is a frozen description; :meth:`Trigger.apply` returns a triggered copy
 of a batch (numpy or torch, shaped (N, C, H, W) or one image (C, H, W)) and never changes
-its input. Three kinds:
+its input. Four kinds:
 
 - ``"patch"`` (BadNets, Gu et al. 2017): a ``size`` x ``size`` square set to ``value`` on
   every channel, at a corner (``"top-left"``, ``"top-right"``, ``"bottom-left"``,
@@ -14,9 +14,32 @@ its input. Three kinds:
   ``init`` (0.5) everywhere, with ``alpha`` 0.3. :meth:`Trigger.with_pattern` gives the
   trigger with an updated pattern; :meth:`Trigger.apply` takes a torch ``pattern`` to stay
   differentiable in it.
+- ``"bars"`` (DBA, Xie et al., ICLR 2020): ``bars`` separated bars, the local triggers of
+  colluding clients, set to ``value`` on every channel; see below.
 
-DBA (Xie et al., ICLR 2020) cuts a patch among colluding clients: :meth:`Trigger.split`
-returns ``k`` sub-triggers whose pixels are disjoint and together are the full patch.
+DBA's local triggers are disjoint and together are the global trigger the attack is tested
+with: :meth:`Trigger.split` returns them (one bar each of a ``bars`` trigger, or row-major
+chunks of a patch, a layout of fedsim's own).
+
+**DBA's bars.** The reference code (AI-secure/DBA, ``utils/*_params.yaml``) lists each
+adversary's pixels, ``N_poison_pattern``, for 4 adversaries: bars of ``bar = (height,
+width)`` pixels, ``gap`` pixels apart, on a grid of two columns from the image's top-left
+pixel: bar i's top-left pixel is at row ``(i // 2) * (height + gap)``, column ``(i % 2) *
+(width + gap)``. The bar and the gap depend on the dataset, so here on the image's size
+(its smaller side, :func:`reference_bar`):
+
+- 28 (MNIST, ``mnist_params.yaml``): 1 x 4 bars, gap 2 (bars at (0, 0), (0, 6), (3, 0), (3, 6));
+- 32 (CIFAR-10, ``cifar_params.yaml``): 1 x 6 bars, gap 3 ((0, 0), (0, 9), (4, 0), (4, 9));
+- 64 (Tiny-ImageNet, ``tiny_params.yaml``): 2 x 10 bars, gap 2 ((0, 0), (0, 12), (4, 0), (4, 12)).
+
+Sizes the yamls do not cover take the bars of the largest covered size not above them (29
+to 31: MNIST's; 33 to 63: CIFAR's; above 64: Tiny-ImageNet's); images smaller than 28
+take MNIST's shrunk in proportion (width ``max(1, 4 * side // 28)``, gap ``max(1, 2 * side
+// 28)``, height 1: 1 x 1 bars 1 apart on 8 x 8 digits). More than the yamls' 4 bars
+continue the grid downwards (bars 4 and 5 on a third row, ...), as long as they fit the
+image; a trigger that does not fit is refused with the fix. ``bar`` and ``gap`` given
+explicitly replace the rule, and ``location`` moves the grid (a corner, or the (row, col)
+of its top-left pixel; the yamls' is the top-left corner, the default).
 """
 
 from __future__ import annotations
@@ -29,41 +52,76 @@ import numpy as np
 import torch
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-KINDS = ("patch", "blend", "learnable")
+KINDS = ("patch", "blend", "learnable", "bars")
+
+# DBA's bars per image size, from the reference's yamls (AI-secure/DBA): side -> (bar (height,
+# width), gap). The LOAN yaml's triggers are feature values of tabular data, not pixels.
+REFERENCE_BARS = {
+    28: ((1, 4), 2),  # mnist_params.yaml
+    32: ((1, 6), 3),  # cifar_params.yaml
+    64: ((2, 10), 2),  # tiny_params.yaml
+}
+
+
+def reference_size(height: int, width: int) -> int:
+    """The image size of the reference's yamls whose settings an image of this size takes:
+    the largest of 28, 32 and 64 not above its smaller side (28 below 28)."""
+    side = min(int(height), int(width))
+    return max([size for size in REFERENCE_BARS if size <= side], default=min(REFERENCE_BARS))
+
+
+def reference_bar(height: int, width: int) -> tuple[tuple[int, int], int]:
+    """DBA's bar (height, width) and gap for an image of this size (the module's rule)."""
+    side = min(int(height), int(width))
+    size = reference_size(height, width)
+    if side >= size:
+        return REFERENCE_BARS[size]
+    # smaller than MNIST: its bars shrunk in proportion, so that 8 x 8 images get bars too
+    (bar_height, bar_width), gap = REFERENCE_BARS[size]
+    return (bar_height, max(1, bar_width * side // size)), max(1, gap * side // size)
 
 
 @dataclass(frozen=True)
 class Trigger:
     """A backdoor trigger (see the module's docstring for the kinds and their options).
 
-    ``part = (i, k)`` restricts a patch to the i-th of k row-major chunks of its pixels
-    (what :meth:`split` makes); ``(0, 1)`` is the whole patch.
+    ``part = (i, k)`` restricts a patch to the i-th of k row-major chunks of its pixels,
+    and a ``bars`` trigger (k = ``bars``) to its bar i (what :meth:`split` makes); ``(0,
+    1)`` is the whole trigger. ``location`` defaults to the bottom-right corner, and to the
+    top-left one (the reference's) for bars.
     """
 
-    kind: Literal["patch", "blend", "learnable"] = "patch"
+    kind: Literal["patch", "blend", "learnable", "bars"] = "patch"
     size: int = 3
-    location: str | tuple[int, int] = "bottom-right"
+    location: str | tuple[int, int] | None = None
     value: float = 1.0
     alpha: float | None = None  # blend 0.2, learnable 0.3 (Mirage) when not given
     seed: int = 0
     pattern: Any = field(default=None, compare=False, hash=False, repr=False)  # (C, H, W) or broadcastable
     init: float = 0.5
     part: tuple[int, int] = (0, 1)
+    bars: int = 4  # how many bars a bars trigger has (the reference's trigger_num)
+    bar: tuple[int, int] | None = None  # a bar's (height, width); None: by image size
+    gap: int | None = None  # pixels between bars; None: by image size
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"trigger kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
-        if self.kind == "patch":
-            if int(self.size) < 1:
+        if self.location is None:
+            object.__setattr__(self, "location", "top-left" if self.kind == "bars" else "bottom-right")
+        if self.kind in ("patch", "bars"):
+            if self.kind == "patch" and int(self.size) < 1:
                 raise ValueError(f"a patch trigger's size must be >= 1, got {self.size!r}")
             if isinstance(self.location, str) and self.location not in CORNERS:
                 raise ValueError(
-                    f"a patch trigger's location must be one of {', '.join(CORNERS)} or (row, col); "
+                    f"a {self.kind} trigger's location must be one of {', '.join(CORNERS)} or (row, col); "
                     f"got {self.location!r}"
                 )
             if not isinstance(self.location, str):
                 if len(self.location) != 2:
-                    raise ValueError(f"a patch trigger's location (row, col) needs two numbers, got {self.location!r}")
+                    raise ValueError(
+                        f"a {self.kind} trigger's location (row, col) needs two numbers, got {self.location!r}"
+                    )
                 object.__setattr__(self, "location", (int(self.location[0]), int(self.location[1])))
         elif self.alpha is None:
             object.__setattr__(self, "alpha", 0.2 if self.kind == "blend" else 0.3)
@@ -72,8 +130,25 @@ class Trigger:
         index, parts = self.part
         if not (parts >= 1 and 0 <= index < parts):
             raise ValueError(f"a trigger's part (i, k) needs 0 <= i < k, got {self.part!r}")
-        if parts > 1 and self.kind != "patch":
-            raise ValueError("only a patch trigger is split into parts")
+        if parts > 1 and self.kind not in ("patch", "bars"):
+            raise ValueError("only a patch or bars trigger is split into parts")
+        self._check_bars()
+
+    def _check_bars(self) -> None:
+        if self.kind != "bars":
+            if self.bar is not None or self.gap is not None:
+                raise ValueError(f"bar and gap shape a bars trigger; this one is a {self.kind!r} trigger")
+            return
+        if int(self.bars) < 1:
+            raise ValueError(f"a bars trigger needs bars >= 1, got {self.bars!r}")
+        if self.bar is not None:
+            if len(self.bar) != 2 or min(int(n) for n in self.bar) < 1:
+                raise ValueError(f"a bar is (height, width), both >= 1; got {self.bar!r}")
+            object.__setattr__(self, "bar", (int(self.bar[0]), int(self.bar[1])))
+        if self.gap is not None and int(self.gap) < 0:
+            raise ValueError(f"the gap between bars must be >= 0, got {self.gap!r}")
+        if self.part[1] not in (1, int(self.bars)):
+            raise ValueError(f"a trigger of {self.bars} bars has parts (i, {self.bars}), got {self.part!r}")
 
     # -- where a patch lands ------------------------------------------------------------
     def origin(self, height: int, width: int) -> tuple[int, int]:
@@ -90,9 +165,43 @@ class Trigger:
             raise ValueError(f"a {size}x{size} patch at {self.location} does not fit a {height}x{width} image")
         return row, col
 
+    def bar_geometry(self, height: int, width: int) -> tuple[tuple[int, int], int]:
+        """A bars trigger's bar (height, width) and gap on an image of this size: the given
+        ones, else the reference's for the size (the module's rule)."""
+        bar, gap = reference_bar(height, width)
+        return (self.bar or bar), (gap if self.gap is None else int(self.gap))
+
+    def bar_origins(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (row, col) of each bar's top-left pixel, bar 0 first (all ``bars`` of them)."""
+        (bar_height, bar_width), gap = self.bar_geometry(height, width)
+        count = int(self.bars)
+        rows, cols = -(-count // 2), min(count, 2)
+        box = (rows * bar_height + (rows - 1) * gap, cols * bar_width + (cols - 1) * gap)
+        if isinstance(self.location, str):
+            top = 0 if self.location.startswith("top") else height - box[0]
+            left = 0 if self.location.endswith("left") else width - box[1]
+        else:
+            top, left = self.location
+        if not (0 <= top <= height - box[0] and 0 <= left <= width - box[1]):
+            raise ValueError(
+                f"{count} bars of {bar_height}x{bar_width} pixels, {gap} apart, take {box[0]}x{box[1]} pixels at "
+                f"{self.location} and do not fit a {height}x{width} image; give a smaller bar or gap, fewer bars, "
+                "or a patch trigger"
+            )
+        return [(top + (i // 2) * (bar_height + gap), left + (i % 2) * (bar_width + gap)) for i in range(count)]
+
     def mask(self, height: int, width: int) -> np.ndarray:
-        """Boolean (H, W) mask of the pixels this trigger sets (a patch; the whole image
-        for a blend)."""
+        """Boolean (H, W) mask of the pixels this trigger sets (a patch or bars; the whole
+        image for a blend)."""
+        if self.kind == "bars":
+            (bar_height, bar_width), _ = self.bar_geometry(height, width)
+            origins = self.bar_origins(height, width)
+            if self.part[1] > 1:
+                origins = [origins[self.part[0]]]
+            mask = np.zeros((height, width), dtype=bool)
+            for row, col in origins:
+                mask[row : row + bar_height, col : col + bar_width] = True
+            return mask
         if self.kind != "patch":
             return np.ones((height, width), dtype=bool)
         row, col = self.origin(height, width)
@@ -105,13 +214,17 @@ class Trigger:
         return mask
 
     def split(self, k: int) -> list[Trigger]:
-        """DBA's k local triggers: the patch's pixels in row-major order, cut into k
-        chunks as equal as possible (the first ones one pixel larger when they do not
-        divide); disjoint, and together the full patch."""
-        if self.kind != "patch":
-            raise ValueError("DBA splits a patch trigger; this one is a " + repr(self.kind))
+        """DBA's k local triggers, disjoint and together this trigger: a bars trigger's
+        bars (k = ``bars``), or a patch's pixels in row-major order cut into k chunks as
+        equal as possible (the first ones one pixel larger when they do not divide)."""
+        if self.kind not in ("patch", "bars"):
+            raise ValueError("DBA splits a patch or bars trigger; this one is a " + repr(self.kind))
         if self.part != (0, 1):
             raise ValueError("this trigger is already a part of a split")
+        if self.kind == "bars":
+            if k != int(self.bars):
+                raise ValueError(f"a trigger of {self.bars} bars splits into its {self.bars} bars, not {k} parts")
+            return [dataclasses.replace(self, part=(i, k)) for i in range(k)]
         if not 1 <= k <= int(self.size) ** 2:
             raise ValueError(f"cannot split a {self.size}x{self.size} patch into {k} parts")
         return [dataclasses.replace(self, part=(i, k)) for i in range(k)]
@@ -129,8 +242,8 @@ class Trigger:
 
     def with_pattern(self, pattern: np.ndarray | torch.Tensor) -> Trigger:
         """This trigger with another blend pattern (a learnable trigger's update)."""
-        if self.kind == "patch":
-            raise ValueError("a patch trigger has no pattern")
+        if self.kind in ("patch", "bars"):
+            raise ValueError(f"a {self.kind} trigger has no pattern")
         if isinstance(pattern, torch.Tensor):
             pattern = pattern.detach().cpu().numpy()
         return dataclasses.replace(self, pattern=np.array(pattern, dtype=np.float32))
@@ -144,7 +257,7 @@ class Trigger:
             raise ValueError(f"triggers apply to images (C, H, W) or batches of them; got shape {tuple(x.shape)}")
         shape = tuple(x.shape[-3:])
         if isinstance(x, torch.Tensor):
-            if self.kind == "patch":
+            if self.kind in ("patch", "bars"):
                 out = x.clone()
                 mask = torch.as_tensor(self.mask(shape[1], shape[2]), device=x.device)
                 out[..., mask] = torch.as_tensor(self.value, dtype=x.dtype, device=x.device)
@@ -156,7 +269,7 @@ class Trigger:
         x = np.asarray(x)
         if pattern is not None:
             raise ValueError("a torch pattern needs a torch batch")
-        if self.kind == "patch":
+        if self.kind in ("patch", "bars"):
             out = x.copy()
             out[..., self.mask(shape[1], shape[2])] = self.value
             return out

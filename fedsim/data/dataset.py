@@ -155,11 +155,9 @@ def local_split(
     x: np.ndarray, y: np.ndarray, domain: np.ndarray | None, test_fraction: float, seed: int, **slot_info: Any
 ) -> ClientData:
     """Split a client's samples into its local train and held-out test data."""
-    if test_fraction <= 0 or len(y) < 2:
+    n_test = local_test_size(len(y), test_fraction)
+    if n_test == 0:
         return ClientData(x, y, x[:0], y[:0], None if domain is None else domain[:0], **slot_info)
-    n_test = max(1, int(round(test_fraction * len(y))))
-    if n_test >= len(y):
-        n_test = len(y) - 1
     if _stratifiable(y, n_test):
         from sklearn.model_selection import train_test_split
 
@@ -168,6 +166,14 @@ def local_split(
         order = np.random.default_rng(seed).permutation(len(y))
         train, test = order[n_test:], order[:n_test]
     return ClientData(x[train], y[train], x[test], y[test], None if domain is None else domain[test], **slot_info)
+
+
+def local_test_size(n: int, test_fraction: float) -> int:
+    """How many of a client's ``n`` samples :func:`local_split` holds out: a share
+    ``test_fraction``, at least one and leaving one to train on (none below 2 samples)."""
+    if test_fraction <= 0 or n < 2:
+        return 0
+    return min(max(1, int(round(test_fraction * n))), n - 1)
 
 
 def _stratifiable(y: np.ndarray, n_test: int) -> bool:
