@@ -104,11 +104,13 @@ def defence_of(experiment: Experiment) -> tuple[type | None, dict[str, Any]]:
     return DEFENCES[name], dict(options)
 
 
-def make_defence(experiment: Experiment, strategy: Strategy, env=None) -> Strategy:
+def make_defence(experiment: Experiment, strategy: Strategy, env=None, sampled: int | None = None) -> Strategy:
     """``strategy`` wrapped in the experiment's defence, if it names one. What a defence
     needs from the server (FLTrust's root set, DeepSight's model) comes from ``env``, the
-    run's environment; without it (validation before the data exists) only the options
-    are checked and the strategy comes back unwrapped."""
+    run's environment; without it (validation before the data exists) the options are
+    checked, a defence that needs nothing from the server is built to run its own checks,
+    and the strategy comes back unwrapped. ``sampled``, the clients a round samples where
+    known, is checked against the fewest the defence needs (Krum's n >= 2f + 3)."""
     from strategies.defences.base import defended
 
     defence_cls, options = defence_of(experiment)
@@ -118,9 +120,27 @@ def make_defence(experiment: Experiment, strategy: Strategy, env=None) -> Strate
     fixed: dict[str, Any] = {"strategy": strategy, "seed": experiment.seed}
     if env is None:
         validate_parameters(defence_cls, options, where, reserved=[*fixed, *defence_cls.needs])
+        if not defence_cls.needs:
+            _check_defence_round_size(build(defence_cls, options, where, **fixed), sampled)
         return strategy
     fixed.update(_defence_needs(experiment, defence_cls, env))
-    return build(defended(type(strategy), defence_cls), options, where, **fixed)
+    defence = build(defended(type(strategy), defence_cls), options, where, **fixed)
+    _check_defence_round_size(defence, sampled)
+    return defence
+
+
+def _check_defence_round_size(defence, sampled: int | None) -> None:
+    if sampled is not None and sampled < defence.min_clients():
+        raise UserError(f"[strategy] defence = {defence.name!r}: {defence.too_few_clients(sampled)}")
+
+
+def sample_size(strategy: Strategy, num_clients: int) -> int | None:
+    """How many clients Flower's sampling takes per round from ``num_clients`` online
+    (FedAvg's ``max(int(n * fraction_train), min_train_nodes)``), where the strategy says."""
+    fraction, minimum = getattr(strategy, "fraction_train", None), getattr(strategy, "min_train_nodes", None)
+    if not isinstance(fraction, (int, float)) or not isinstance(minimum, int) or fraction <= 0:
+        return None
+    return max(int(num_clients * fraction), minimum)
 
 
 def _defence_needs(experiment: Experiment, defence_cls: type, env) -> dict[str, Any]:
@@ -188,7 +208,7 @@ def make_strategy(experiment: Experiment, num_clients: int, *, clients_known: bo
             ) from None
     if clients_known:
         check_sampling(strategy, num_clients)
-    return make_defence(experiment, strategy, env)
+    return make_defence(experiment, strategy, env, sample_size(strategy, num_clients) if clients_known else None)
 
 
 def check_sampling(strategy: Strategy, num_clients: int) -> None:
@@ -207,9 +227,10 @@ def check_sampling(strategy: Strategy, num_clients: int) -> None:
                 f"[strategy] {key} = {value} exceeds the {num_clients} clients of the partition "
                 f"(Flower would wait for them forever); set {key} <= {num_clients}"
             )
-    fraction, minimum = getattr(strategy, "fraction_train", None), getattr(strategy, "min_train_nodes", None)
-    if isinstance(fraction, (int, float)) and isinstance(minimum, int) and fraction > 0:
-        if max(int(num_clients * fraction), minimum) < 1:  # Flower's sample size
+    sampled = sample_size(strategy, num_clients)
+    if sampled is not None:
+        fraction, minimum = strategy.fraction_train, strategy.min_train_nodes
+        if sampled < 1:
             raise UserError(
                 f"[strategy] fraction_train = {fraction} of {num_clients} clients samples no client in a round "
                 f"(min_train_nodes = {minimum}); raise fraction_train or set min_train_nodes >= 1"

@@ -229,6 +229,7 @@ def validate_parameters(
 
     ``where`` prefixes every error (for example ``"[partition]"``). ``reserved`` names
     parameters that fedsim fills in itself and that the user may therefore omit.
+    A component's ``required_help`` (a dict by key) says what a missing required key means.
     ``chosen`` is ``(name, registry)`` when the table's ``name`` key picked the component
     from a registry: ``name`` is then a valid key too, and an unknown key that only other
     components of the registry take (``alpha`` under ``iid``) is reported as the wrong
@@ -254,7 +255,9 @@ def validate_parameters(
         if p.default is inspect.Parameter.empty and name not in params and name not in reserved
     ]
     if missing:
-        raise UserError(f"{where} missing required key {missing[0]!r}")
+        # a component may say what a required key means (Krum's f), for the one-line error
+        meaning = getattr(component, "required_help", {}).get(missing[0])
+        raise UserError(f"{where} missing required key {missing[0]!r}" + (f" ({meaning})" if meaning else ""))
     checked = {}
     for key, value in params.items():
         hint = hints.get(key)

@@ -50,7 +50,15 @@ def test_bad_defence_keys_are_one_line_errors(overrides, message, tmp_path):
 
 
 def test_switching_the_strategy_keeps_the_defence():
-    experiment = load_experiment(QUICKSTART, ["strategy.defence=krum", "strategy.name=fedbn", "model.name=digitcnn"])
+    experiment = load_experiment(
+        QUICKSTART,
+        [
+            "strategy.defence=krum",
+            "strategy.defence_options={num_malicious_nodes=1}",
+            "strategy.name=fedbn",
+            "model.name=digitcnn",
+        ],
+    )
     assert experiment.strategy.params["defence"] == "krum"
 
 

@@ -191,16 +191,19 @@ def test_flame_leaves_statistics_out_of_the_vector_and_averages_them_over_the_ac
 
 # -- FoolsGold ----------------------------------------------------------------------------
 def test_foolsgold_weights_by_hand():
+    e = 1e-5  # the reference's guard, in the maximum similarities and inside the logit's log
     h = np.array([[1.0, 0.0, 0.0], [0.5, math.sqrt(0.75), 0.0], [0.0, 0.0, 1.0]])
     # cs_12 = 0.5, the third is orthogonal: alpha = [0.5, 0.5, 1] -> [0.5, 0.5, 0.99];
-    # logit + 0.5: ln(1) + 0.5 = 0.5, ln(99) + 0.5 > 1 -> 1
-    np.testing.assert_allclose(foolsgold_weights(h), [0.5, 0.5, 1.0], rtol=1e-12)
-    np.testing.assert_allclose(foolsgold_weights(h, kappa=0.5), [0.25, 0.25, 1.0], rtol=1e-12)
+    # logit + 0.5: ln(1 + e) + 0.5 ~ 0.5, ln(99 + e) + 0.5 > 1 -> 1
+    half = math.log(1 + e) + 0.5
+    np.testing.assert_allclose(foolsgold_weights(h), [half, half, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(foolsgold_weights(h, kappa=0.5), [half / 2, half / 2, 1.0], rtol=1e-12)
     # pardoning: cs_12 = 0.9, cs_13 = 0.6, cs_23 = 0.54, the 4th orthogonal to all; client 3's
-    # max similarity (0.6) is below client 1's (0.9), so cs_31 -> 0.6 * 0.6 / 0.9 = 0.4 and
-    # cs_32 -> 0.36: alpha = 1 - [0.9, 0.9, 0.4, 0] = [0.1, 0.1, 0.6, 1] (max already 1)
+    # max similarity (0.6 + e) is below client 1's (0.9 + e), so cs_31 -> 0.6 (0.6 + e) / (0.9 + e)
+    # ~ 0.4 and cs_32 ~ 0.36: alpha ~ 1 - [0.9, 0.9, 0.4, 0] = [0.1, 0.1, 0.6, 1] (max already 1)
     h = np.array([[1.0, 0.0, 0.0, 0.0], [0.9, math.sqrt(0.19), 0.0, 0.0], [0.6, 0.0, 0.8, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    logit = np.log([0.1 / 0.9, 0.1 / 0.9, 0.6 / 0.4]) + 0.5  # < 0, < 0, 0.905
+    alpha3 = 1 - 0.6 * (0.6 + e) / (0.9 + e)
+    logit = np.log(np.array([0.1 / 0.9, 0.1 / 0.9, alpha3 / (1 - alpha3)]) + e) + 0.5  # < 0, < 0, 0.905
     np.testing.assert_allclose(foolsgold_weights(h), [0.0, 0.0, logit[2], 1.0], rtol=1e-12)
 
 
@@ -259,7 +262,7 @@ def test_rlr_reverses_the_coordinates_with_too_little_sign_agreement():
 
 
 def test_rlr_refuses_a_threshold_above_the_sampled_clients():
-    with pytest.raises(ValueError, match="threshold = 5 exceeds the 4 clients"):
+    with pytest.raises(ValueError, match="threshold = 5 exceeds the 4 clients a round samples"):
         _configure(RLR(FedAvg(min_train_nodes=4, min_available_nodes=4), threshold=5), _split(GLOBAL3), 4)
     # fewer useful replies than the threshold (clients failed): the global model is kept
     defence = RLR(FedAvg(), threshold=3)
@@ -447,6 +450,11 @@ def _random_replies(n: int = 7, seed: int = 0) -> list[Message]:
     ]
 
 
+def _split_reply(reply: Message) -> dict[str, np.ndarray]:
+    record = reply.content["arrays"]
+    return {key: record[key].numpy() for key in record.keys()}
+
+
 @pytest.mark.parametrize(
     ("ours", "flowers"),
     [
@@ -462,14 +470,24 @@ def _random_replies(n: int = 7, seed: int = 0) -> list[Message]:
     ids=["krum", "fedmedian", "multikrum", "fedtrimmedavg", "bulyan"],
 )
 def test_our_wiring_gives_exactly_what_flowers_class_gives(ours, flowers):
+    """From a zero global model the updates are the models: Flower's class on the models
+    in float64 gives exactly our arrays (rounded to the models' dtype), and Flower's class
+    on the float32 models themselves the same to float32 rounding."""
     defence = ours(FedAvg())
     _configure(defence, {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2)}, 7)
     replies = _random_replies()
     arrays, metrics = defence.aggregate_train(1, replies)
-    expected, _ = flowers().aggregate_train(1, _random_replies())  # identical replies, built again
+    in_float64 = [
+        _reply(NODE + i, {key: np.float64(value) for key, value in _split_reply(reply).items()}, 5 + i)
+        for i, reply in enumerate(_random_replies())
+    ]
+    expected, _ = flowers().aggregate_train(1, in_float64)
+    on_models, _ = flowers().aggregate_train(1, _random_replies())  # identical replies, built again
     assert list(arrays.keys()) == list(expected.keys())
     for key in expected.keys():
-        np.testing.assert_array_equal(arrays[key].numpy(), expected[key].numpy())
+        dtype = replies[0].content["arrays"][key].numpy().dtype
+        np.testing.assert_array_equal(arrays[key].numpy(), expected[key].numpy().astype(dtype))
+        np.testing.assert_allclose(arrays[key].numpy(), on_models[key].numpy(), rtol=0, atol=1e-6)
     assert all(list(reply.content["arrays"].keys()) == ["w", "b"] for reply in replies)  # not emptied
     assert metrics[ACCEPTED] == len(defence.last_accepted) and metrics[ACCEPTED] + metrics[REJECTED] == 7
 
@@ -562,7 +580,9 @@ def test_flowers_own_loop_runs_a_defended_strategy():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
     deltas = _planted()
-    defence = FLAME(FedAvg(min_available_nodes=7), noise_lambda=0.0)
+    # clustering the updates, which are the same each round, keeps the same clients in both
+    # rounds (the models move with the global model)
+    defence = FLAME(FedAvg(min_available_nodes=7), noise_lambda=0.0, cluster_on="updates")
     result = defence.start(_ReplyingGrid(deltas), _record(_split(GLOBAL3)), num_rounds=2)
     kept = [node - NODE for node in defence.last_accepted]
     assert 6 not in kept
@@ -579,6 +599,7 @@ def test_every_registered_defence_builds_around_fedavg():
     options = {
         "fltrust": {"root_update": lambda arrays, r: arrays},
         "deepsight": {"model_fn": lambda: torch.nn.Linear(2, 2), "input_shape": (2,)},
+        **{name: {"num_malicious_nodes": 1} for name in ("krum", "multikrum", "bulyan")},
     }
     for name, defence_cls in DEFENCES.items():
         defence = defend(FedAvg(), name, **options.get(name, {}))
@@ -598,6 +619,7 @@ def test_every_registered_defence_builds_around_fedavg():
         (FLAME, {"noise_lambda": -1.0}, "noise_lambda"),
         (FLAME, {"cluster_on": "weights"}, "cluster_on"),
         (FoolsGold, {"kappa": 0.0}, "kappa"),
+        (FoolsGold, {"clip_updates": "no"}, "clip_updates"),
         (RLR, {"threshold": 0}, "threshold"),
         (RLR, {"threshold": 2.5}, "threshold"),
         (RLR, {"server_lr": -1.0}, "server_lr"),
@@ -606,10 +628,14 @@ def test_every_registered_defence_builds_around_fedavg():
         (DeepSight, {"num_seeds": 3}, "model_fn"),
         (DeepSight, {"num_seeds": 1, "model_fn": lambda: None}, "input_shape"),
         (DeepSight, {"num_seeds": 0, "min_cluster_size": 1}, "min_cluster_size"),
+        (DeepSight, {"num_seeds": 0, "min_samples": 0}, "min_samples"),
         (FlowerKrum, {"num_malicious_nodes": -1}, "num_malicious_nodes"),
-        (FlowerMultiKrum, {"num_nodes_to_select": 0}, "num_nodes_to_select"),
+        (FlowerMultiKrum, {"num_malicious_nodes": 1, "num_nodes_to_select": 0}, "num_nodes_to_select"),
+        (FlowerMultiKrum, {"num_malicious_nodes": 0}, "num_malicious_nodes = 0 makes MultiKrum select all n"),
         (FlowerTrimmedAvg, {"beta": 0.5}, "beta"),
+        (FlowerTrimmedAvg, {"beta": 0.0}, "beta = 0 trims nothing: a plain mean"),
         (FlowerBulyan, {"num_malicious_nodes": 1.5}, "num_malicious_nodes"),
+        (FlowerBulyan, {"num_malicious_nodes": 0}, "an unweighted mean; set num_malicious_nodes >= 1"),
     ],
 )
 def test_bad_parameters_raise_one_line_value_errors(defence_cls, options, named):

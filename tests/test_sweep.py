@@ -601,12 +601,12 @@ def test_a_run_that_did_not_resolve_its_grid_values_is_refused(tmp_path):
 
 def test_an_inline_table_in_the_grid_matches_its_resolved_table_with_defaults_filled_in(tmp_path):
     experiment = load_experiment(
-        write_config(tmp_path), ["strategy.defence=multikrum", "strategy.defence_options={num_malicious_nodes=1}"]
+        write_config(tmp_path), ["strategy.defence=krum", "strategy.defence_options={num_malicious_nodes=0}"]
     )
-    assert experiment.strategy.params["defence_options"]["num_nodes_to_select"] == 1, "a default, filled in"
-    check_resolved({"strategy": {"defence_options": {"num_malicious_nodes": 1}}}, experiment)
+    assert experiment.strategy.params["defence_options"]["include_statistics"] is False, "a default, filled in"
+    check_resolved({"strategy": {"defence_options": {"num_malicious_nodes": 0}}}, experiment)
     with pytest.raises(UserError, match=r"in the grid, but the experiment resolved it to"):
-        check_resolved({"strategy": {"defence_options": {"num_malicious_nodes": 2}}}, experiment)
+        check_resolved({"strategy": {"defence_options": {"num_malicious_nodes": 1}}}, experiment)
 
 
 def test_a_spec_whose_keys_overlap_is_refused_before_anything_runs(tmp_path):

@@ -22,9 +22,12 @@ BatchNorm arrays, FedWon's AGC check) and its train metrics are returned as it c
 them; its arrays are discarded. The valid replies then become update vectors: each reply's
 arrays minus the global arrays of the last ``configure_train`` (only the keys the replies
 carry, so FedBN's replies without BatchNorm work). Floating-point parameters form the
-vector a defence's rule sees (:class:`Updates`); BatchNorm running statistics and integer
-buffers are not directions of learning, so they are averaged over the accepted clients as
-FedAvg would (weighted by examples). A rule returns the aggregate update and the clients it
+vector a defence's rule sees (:class:`Updates`), in float64 whatever the model's dtype (a
+squared distance between two float32 models of norm ~1 carries an error of ~1e-4, more
+than the distance between two late-training updates). BatchNorm running statistics and
+integer buffers are not directions of learning, so they are averaged over the accepted
+clients as FedAvg would (weighted by examples); a defence whose ``include_statistics`` is
+True takes the floating-point statistics into its vectors too. A rule returns the aggregate update and the clients it
 accepted (:class:`Aggregate`); the wrapper writes ``last_accepted`` (node ids) and adds
 ``defence-accepted`` and ``defence-rejected`` counts to the metrics.
 
@@ -33,6 +36,12 @@ accepted (:class:`Aggregate`); the wrapper writes ``last_accepted`` (node ids) a
 
 **Randomness.** A defence that draws (noise) seeds a generator from its ``seed`` (the
 experiment's) and the round, never from global state.
+
+**No silent no-op.** A defence whose options make it the identity or a plain mean refuses
+them, or says so once by name (:meth:`Defence.warn_once`) when only a round's number of
+clients makes it so. :meth:`Defence.min_clients` is the fewest replies a round needs for
+the rule to hold (Krum's n >= 2f + 3); ``configure_train`` refuses a round that samples
+fewer, and fedsim checks it against the experiment before a run starts.
 """
 
 from __future__ import annotations
@@ -60,10 +69,13 @@ STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 CLASS_ATTRIBUTES = ("client_trainer", "model_options", "personalized", "validate_model")
 
 
-def is_statistic(key: str, array: np.ndarray) -> bool:
+def is_statistic(key: str, array: np.ndarray, include_statistics: bool = False) -> bool:
     """An entry averaged as FedAvg would, outside the update vector: BatchNorm running
-    statistics (by name) and any array that is not floating point."""
-    return key.rsplit(".", 1)[-1] in STATISTICS or not np.issubdtype(array.dtype, np.floating)
+    statistics (by name), unless ``include_statistics``, and any array that is not
+    floating point."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return True
+    return not include_statistics and key.rsplit(".", 1)[-1] in STATISTICS
 
 
 @dataclass
@@ -149,6 +161,11 @@ class Defence(Strategy):
     # for rules that keep every reply and only bound its influence (clipping, medians),
     # whose detection rates would be a meaningless 0 of n
     filters: ClassVar[bool] = True
+    # what a missing required option means, for its one-line error (fedsim.registry)
+    required_help: ClassVar[dict[str, str]] = {}
+    # whether BatchNorm running statistics join the update vectors (distance-based rules
+    # set it from their option of that name)
+    include_statistics: bool = False
 
     def __init__(self, strategy: Strategy, *, seed: int = 0) -> None:
         check(
@@ -164,6 +181,7 @@ class Defence(Strategy):
         self.seed = seed
         self.global_arrays: ArrayRecord | None = None  # what the last configure_train sent
         self.last_accepted: list[int] = []  # node ids the last aggregate_train accepted
+        self._warned: set[str] = set()
 
     # -- the wrapped strategy answers what the defence does not define ------------------
     def __getattr__(self, name: str) -> Any:
@@ -187,7 +205,30 @@ class Defence(Strategy):
                 f"{type(self).__name__} aggregates one global model; {type(self.strategy).__name__} keeps several"
             )
         self.global_arrays = arrays
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if messages and len(messages) < self.min_clients():
+            raise ValueError(self.too_few_clients(len(messages)))
+        return messages
+
+    # -- what the rule needs --------------------------------------------------------------
+    def min_clients(self) -> int:
+        """The fewest replies a round needs for the rule to hold (1: any)."""
+        return 1
+
+    def too_few_clients(self, sampled: int) -> str:
+        """The one-line refusal of a round of ``sampled`` clients, below :meth:`min_clients`."""
+        return (
+            f"{self.name} needs at least {self.min_clients()} clients per round with these options, "
+            f"but a round samples {sampled}; sample more clients"
+        )
+
+    def warn_once(self, message: str) -> None:
+        """Say ``message`` (a problem the run goes on despite) once per defence instance."""
+        if message not in self._warned:
+            self._warned.add(message)
+            from fedsim.progress import warn
+
+            warn(message)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -296,7 +337,7 @@ class Defence(Strategy):
                     f"{key!r} has shape {tuple(array.shape)} in the replies, {tuple(self.global_arrays[key].shape)} "
                     "in the global arrays"
                 )
-            if not is_statistic(key, array):
+            if not is_statistic(key, array, self.include_statistics):
                 layout[key] = (slice(start, start + array.size), tuple(array.shape))
                 start += array.size
         global_vector = np.zeros(start)

@@ -4,7 +4,7 @@ Federated Learning Through Deep Model Inspection", NDSS 2022)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +37,9 @@ def output_layer(updates: Updates, prefix: str | None = None) -> tuple[str, str]
 
 def neups(weight_updates: np.ndarray, bias_updates: np.ndarray) -> np.ndarray:
     """Normalised update energies of the output neurons (n, P): the energy of neuron k is
-    |db_k| + sum_j |dW_kj|; NEUP_k = energy_k^2 / sum_k energy_k^2."""
-    energy = np.abs(bias_updates) + np.abs(weight_updates).sum(axis=2)
+    |db_k| + sum_j |dW_kj|; NEUP_k = energy_k^2 / sum_k energy_k^2 (uniform for a zero update)."""
+    weight_updates = np.asarray(weight_updates, np.float64)
+    energy = np.abs(np.asarray(bias_updates, np.float64)) + np.abs(weight_updates).sum(axis=2)
     squared = energy**2
     total = squared.sum(axis=1, keepdims=True)
     uniform = np.full_like(squared, 1.0 / squared.shape[1])
@@ -66,9 +67,16 @@ def membership_distances(labels: np.ndarray) -> np.ndarray:
 
 
 def cluster(
-    points: np.ndarray, min_cluster_size: int, *, precomputed: bool = False, single: bool = False
+    points: np.ndarray,
+    min_cluster_size: int,
+    min_samples: int = 1,
+    *,
+    precomputed: bool = False,
+    single: bool = False,
 ) -> np.ndarray:
-    """HDBSCAN labels (-1: noise); every point is noise when there are too few to cluster."""
+    """HDBSCAN labels (-1: noise); every point is noise when there are too few to cluster.
+    ``min_samples`` counts the point itself (scikit-learn's convention; the ``hdbscan``
+    package's m is m + 1 here) and is capped at the number of points, as that package does."""
     n = len(points)
     if n < max(2, min_cluster_size):
         return np.full(n, -1)
@@ -76,35 +84,100 @@ def cluster(
         HDBSCAN(
             metric="precomputed" if precomputed else "euclidean",
             min_cluster_size=max(2, min_cluster_size),
-            min_samples=1,
+            min_samples=min(min_samples, n),
             allow_single_cluster=single,
             copy=True,
         )
-        .fit(points)
+        .fit(np.asarray(points, np.float64))
         .labels_
     )
+
+
+def division_differences(reference: Any, clients: Sequence[Any], noise: Any, batch_size: int = 1000) -> np.ndarray:
+    """DDifs (n, P) of one noise set: DDif_ik = mean over the inputs x of
+    p_i(k | x) / p_G(k | x), the softmax probabilities of client model i and of the global
+    model ``reference`` (torch modules that return logits). Everything runs in float64."""
+    import torch
+
+    noise = torch.as_tensor(noise, dtype=torch.float64)
+    sums = None
+    with torch.no_grad():
+        for start in range(0, len(noise), batch_size):
+            batch = noise[start : start + batch_size]
+            base = torch.log_softmax(reference(batch).double(), dim=1)
+            # the ratio of probabilities as exp of a difference of log-probabilities: no
+            # overflow, and no epsilon where a probability underflows
+            ratios = torch.stack([torch.exp(torch.log_softmax(m(batch).double(), dim=1) - base) for m in clients])
+            sums = ratios.sum(dim=1) if sums is None else sums + ratios.sum(dim=1)
+    return (sums / len(noise)).numpy()
 
 
 class DeepSight(Defence):
     """DeepSight (Rieger et al., NDSS 2022): cluster the models, drop clusters with too many
     suspicious members, clip the rest.
 
-    Per client: the NEUPs of the output layer (:func:`neups`) and their threshold
-    exceedings (TE, :func:`threshold_exceedings` with ``threshold_factor``); a client is
-    suspicious when TE <= median(TE) / 2. Three HDBSCAN clusterings, on the cosine distances
-    of the output-layer bias updates, on the NEUPs, and on the DDifs of ``num_seeds`` noise
-    sets (DDif_k = mean over ``num_samples`` uniform-noise inputs of p_client(k | x) /
-    p_global(k | x)), are merged by averaging their cluster-membership distances and
-    clustered once more. A cluster is accepted when fewer than ``tau`` of its members are
-    suspicious; a noise point is a cluster of its own. Accepted updates are clipped to the
-    median L2 norm of all updates and averaged with equal weights.
+    The rule, on the n replies of a round (updates u_i, global model G):
+
+    1. per client, the NEUPs of the output layer (:func:`neups`) and their threshold
+       exceedings TE (:func:`threshold_exceedings`: NEUPs above ``max(threshold_factor,
+       1/P)`` times the largest); a client is suspicious when TE <= median(TE) / 2;
+    2. three HDBSCAN clusterings: of the cosine distances of the output-layer bias updates
+       (precomputed), of the NEUPs, and of the DDifs of each of ``num_seeds`` noise sets
+       (Euclidean; :func:`division_differences`: the mean over ``num_samples`` uniform [0, 1)
+       inputs of p_i(k | x) / p_G(k | x)). Each gives cluster-membership distances (0 within
+       a cluster, 1 otherwise, a noise point alone); the DDif ones are averaged over the
+       seeds, the three are averaged, and the result is clustered once more (precomputed,
+       one cluster allowed);
+    3. a final cluster is accepted when fewer than ``tau`` of its members are suspicious; a
+       noise point is a cluster of its own (accepted when it is not suspicious);
+    4. the accepted updates are clipped to the median L2 norm of all n updates and averaged
+       with equal weights.
 
     Defaults: ``tau = 1/3`` (the paper's); ``threshold_factor = 0.01``, ``num_seeds = 3``
-    and ``num_samples = 20000`` as in the FLPoison and BackFed ports; ``min_cluster_size =
-    2`` and ``min_samples = 1`` for every HDBSCAN (the ports use the ``hdbscan`` package's
-    defaults, 5, under which a round of fewer than 5 clients has no clusters). DDifs need the model: ``model_fn()`` builds it and ``input_shape`` is one
-    input's shape; ``num_seeds = 0`` leaves DDifs out and needs neither. The output layer is
-    found by name (``output_layer`` overrides). The noise sets are seeded by (``seed``, s).
+    and ``num_samples = 20000`` as in both ports; ``min_cluster_size = 2`` and
+    ``min_samples = 1`` for every HDBSCAN (``min_samples`` counts the point itself, as in
+    scikit-learn: the ``hdbscan`` package's m is m + 1 here). DDifs need the model:
+    ``model_fn()`` builds it (it must return logits) and ``input_shape`` is one input's
+    shape; ``num_seeds = 0`` leaves DDifs out and needs neither. The output layer is found
+    by name (``output_layer`` overrides). The noise sets are seeded by (``seed``, s).
+    ``last_suspicious``, ``last_clusters`` (the final labels) and ``last_bound`` describe the
+    last round. Vectors are the trainable floating-point parameters in float64, and the DDifs
+    run the models in float64.
+
+    Where the two public ports (BackFed, FLPoison) and the paper part, fedsim follows the
+    paper, or a port where the paper is silent:
+
+    - DDifs are ratios of softmax probabilities, as the paper defines them. Both ports divide
+      the models' raw outputs (logits, or FLPoison's LeNet's log-probabilities) with an
+      epsilon in the denominator (BackFed 1e-30, FLPoison 1e-6). BackFed also draws fresh
+      noise inputs for every client; fedsim scores every model on the same sets;
+    - HDBSCAN's parameters, which the paper does not give: both ports keep the ``hdbscan``
+      package's ``min_cluster_size = 5`` (``min_samples`` 3 in FLPoison, 5 in BackFed).
+      HDBSCAN without a single cluster then needs two groups of at least 5: with 10
+      clients a round every point tends to be noise (so on the parity tests' input), and
+      FLPoison then makes all one cluster, accepted whole while fewer than tau of the
+      replies are suspicious, the attackers with it. fedsim's 2 and 1 let small groups of
+      alike models, a few colluding attackers say, form clusters of their own.
+      ``min_cluster_size = 5, min_samples = 4`` is FLPoison's setting;
+    - noise points stay alone in the membership distances and are judged as clusters of one,
+      as BackFed does. FLPoison counts all noise points as one cluster in the distances and
+      rejects every final noise point, suspicious or not;
+    - the acceptance test counts suspicious members, as FLPoison does. BackFed's compares
+      the fraction of *benign* members with tau, which accepts clusters of attackers and
+      rejects clean ones: fedsim does not follow it;
+    - the final clustering is of the merged distances as a precomputed matrix (FLPoison);
+      BackFed clusters the matrix's rows as Euclidean points, without a single cluster;
+    - TE counts NEUPs strictly above max(0.01, 1/P) times the largest (FLPoison). BackFed
+      uses 1/P alone (a lower threshold when P > 100) and counts ties;
+    - the clipping bound is ``numpy.median`` (BackFed's ``torch.median`` takes the lower
+      middle norm for even n), without FLPoison's epsilon, over the trainable parameters
+      (BackFed: tensors named ``weight`` or ``bias``; FLPoison: the whole state, BatchNorm
+      statistics included); the aggregate is not scaled by BackFed's ``eta = 0.1``;
+    - a zero output-layer update has uniform NEUPs (the ports divide by zero).
+
+    The HDBSCAN is scikit-learn's, the ports use the ``hdbscan`` package. On the parity
+    tests' inputs both give the same clusters with fedsim's settings and with FLPoison's
+    (the two may number them differently, which the membership distances ignore).
     """
 
     name = "deepsight"
@@ -119,6 +192,7 @@ class DeepSight(Defence):
         num_seeds: int = 3,
         num_samples: int = 20000,
         min_cluster_size: int = 2,
+        min_samples: int = 1,
         batch_size: int = 1000,
         output_layer: str | None = None,
         model_fn: Callable[[], Any] | None = None,
@@ -135,6 +209,7 @@ class DeepSight(Defence):
             ("num_seeds", num_seeds, 0),
             ("num_samples", num_samples, 1),
             ("min_cluster_size", min_cluster_size, 2),
+            ("min_samples", min_samples, 1),
             ("batch_size", batch_size, 1),
         ):
             check(
@@ -158,59 +233,62 @@ class DeepSight(Defence):
         self.num_seeds = num_seeds
         self.num_samples = num_samples
         self.min_cluster_size = min_cluster_size
+        self.min_samples = min_samples
         self.batch_size = batch_size
         self.output_layer = output_layer
         self.model_fn = model_fn
         self.input_shape = tuple(int(size) for size in input_shape) if input_shape is not None else None
         self.last_suspicious: dict[int, bool] = {}
         self.last_clusters: dict[int, int] = {}
+        self.last_bound = 0.0  # the last round's clipping bound
 
     def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:
         weight_key, bias_key = output_layer(updates, self.output_layer)
         bias = updates.part(updates.vectors, bias_key)
         neup = neups(updates.part(updates.vectors, weight_key), bias)
         flagged = suspicious(threshold_exceedings(neup, self.threshold_factor))
+        sizes = (self.min_cluster_size, self.min_samples)
         distances = [
-            membership_distances(cluster(cosine_distances(bias), self.min_cluster_size, precomputed=True)),
-            membership_distances(cluster(neup, self.min_cluster_size)),
+            membership_distances(cluster(cosine_distances(bias), *sizes, precomputed=True)),
+            membership_distances(cluster(neup, *sizes)),
         ]
         if self.num_seeds > 0:
             ddifs = self.ddifs(updates)
-            distances.append(np.mean([membership_distances(cluster(d, self.min_cluster_size)) for d in ddifs], axis=0))
-        labels = cluster(np.mean(distances, axis=0), self.min_cluster_size, precomputed=True, single=True)
+            distances.append(np.mean([membership_distances(cluster(d, *sizes)) for d in ddifs], axis=0))
+        labels = cluster(np.mean(distances, axis=0), *sizes, precomputed=True, single=True)
         accepted = []
         for index, label in enumerate(labels):
             members = [index] if label < 0 else np.flatnonzero(labels == label)
+            # the suspicious members, not the benign ones, are held against tau
             if flagged[members].sum() < self.tau * len(members):
                 accepted.append(index)
         self.last_suspicious = {node: bool(flag) for node, flag in zip(updates.node_ids, flagged, strict=True)}
         self.last_clusters = {node: int(label) for node, label in zip(updates.node_ids, labels, strict=True)}
-        bound = float(np.median(np.linalg.norm(updates.vectors, axis=1)))
+        self.last_bound = bound = float(np.median(np.linalg.norm(updates.vectors, axis=1)))
         return Aggregate(mean_update(clip_to(updates.vectors[accepted], bound)), accepted)
+
+    def noise(self, seed_index: int) -> Any:
+        """Noise set ``seed_index``: ``num_samples`` inputs uniform in [0, 1), float64."""
+        import torch
+
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "deepsight-noise", seed_index))
+        return torch.rand(self.num_samples, *self.input_shape, generator=generator, dtype=torch.float64)
 
     def ddifs(self, updates: Updates) -> list[np.ndarray]:
         """DDifs (num_seeds, n, P): per noise set, each client's mean ratio of its predicted
         probabilities to the global model's."""
-        import torch
 
-        def model_of(*records: ArrayRecord) -> torch.nn.Module:
-            model = self.model_fn()
+        def model_of(*records: ArrayRecord) -> Any:
+            # float64 parameters (the replies' float32 values are exact in float64), so the
+            # outputs are never rounded to float32
+            model = self.model_fn().double()
             for record in records:
                 model.load_state_dict(record.to_torch_state_dict(), strict=False)
             return model.eval()
 
         reference = model_of(self.global_arrays)
         clients = [model_of(self.global_arrays, record) for record in updates.records]
-        out = []
-        with torch.no_grad():
-            for seed_index in range(self.num_seeds):
-                generator = torch.Generator().manual_seed(derive_seed(self.seed, "deepsight-noise", seed_index))
-                noise = torch.rand(self.num_samples, *self.input_shape, generator=generator)
-                sums = None
-                for start in range(0, self.num_samples, self.batch_size):
-                    batch = noise[start : start + self.batch_size]
-                    base = torch.log_softmax(reference(batch).double(), dim=1)
-                    ratios = torch.stack([torch.exp(torch.log_softmax(m(batch).double(), 1) - base) for m in clients])
-                    sums = ratios.sum(dim=1) if sums is None else sums + ratios.sum(dim=1)
-                out.append((sums / self.num_samples).numpy())
-        return out
+        return [
+            division_differences(reference, clients, self.noise(seed_index), self.batch_size)
+            for seed_index in range(self.num_seeds)
+        ]

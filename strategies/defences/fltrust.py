@@ -27,7 +27,20 @@ class FLTrust(Defence):
     when every score is 0 the global model stays as it was. ``root_update`` has no
     default: build one with :func:`root_trainer` (the paper's root set is 100 examples,
     trained with the clients' learning rate and local iterations). ``last_trust`` holds the
-    last round's scores by node id.
+    last round's scores by node id. Example counts play no part, as in the paper.
+
+    This is the rule of the authors' MXNet code (``fltrust`` in ``nd_aggregation.py``, as
+    copied into public repositories). It aggregates gradients and steps the model by -lr
+    times the result; the rule is odd and positively homogeneous in (g_1, ..., g_n, g0)
+    together, so aggregating model deltas (the clients' learning rate already in them) and
+    adding the result is the same step.
+    Where every score is 0 the authors' code, too, leaves the model as it was (FLPoison's
+    port averages the rescaled updates uniformly instead). One departure: the authors' code
+    adds 1e-9 to every norm and to the sum of the scores, which moves its result by about
+    1e-9 / ||g|| relative to the formula: nothing for ordinary updates, tens of percent for
+    updates of norm near 1e-9. Here zero norms are handled explicitly instead (a zero
+    update, or a zero server update, gets score 0), so the aggregate scales exactly with
+    the updates.
     """
 
     name = "fltrust"
@@ -47,6 +60,8 @@ class FLTrust(Defence):
         server = updates.vector_of(self.root_update(self.global_arrays, server_round)) - updates.global_vector
         server_norm = float(np.linalg.norm(server))
         norms = np.linalg.norm(updates.vectors, axis=1)
+        # a zero update (or a zero server update) has no direction: score 0, where the
+        # authors' code reaches 0 by adding 1e-9 to each norm
         usable = (norms > 0) & (server_norm > 0)
         safe = np.where(usable, norms, 1.0)
         cosine = np.where(usable, updates.vectors @ server / (safe * (server_norm or 1.0)), 0.0)

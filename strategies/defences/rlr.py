@@ -4,12 +4,9 @@ Federated Learning with Robust Learning Rate", AAAI 2021)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
@@ -28,7 +25,18 @@ class RLR(Defence):
 
     A threshold above the number of clients would reverse every coordinate: sampling fewer
     clients than ``threshold`` is refused, and a round with fewer useful replies (clients
-    failed) accepts none and keeps the global model.
+    failed) accepts none and keeps the global model. ``threshold = 1`` would be FedAvg
+    (with an odd number of clients no sum of signs is 0) and is refused.
+
+    This is the authors' code (``compute_robustLR`` and ``agg_avg`` of ``aggregation.py``):
+    sign(0) = 0, so a coordinate a client left unchanged counts for neither side; a sum of
+    signs equal to the threshold keeps the step; the step is lr * the example-weighted mean.
+    Their other aggregators (coordinate-wise median, majority sign) and their noise and
+    clipping options are not part of this rule (fedsim's norm-clipping and weak-dp
+    defences are the latter). Their code fixes ``server_lr = 1`` with the mean; any
+    ``server_lr`` > 0 is allowed here and scales the step as their rule says. Their vector
+    holds the parameters only and leaves buffers unaggregated; BatchNorm statistics are
+    averaged here, as said above.
     """
 
     name = "rlr"
@@ -38,7 +46,12 @@ class RLR(Defence):
         super().__init__(strategy, **kwargs)
         check(
             isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 1,
-            f"threshold must be an integer >= 1, got {threshold!r}",
+            f"threshold must be an integer >= 2, got {threshold!r}",
+        )
+        check(
+            threshold >= 2,
+            "threshold = 1 reverses only the coordinates whose signs cancel exactly (none with an odd number of "
+            "clients): FedAvg; set threshold >= 2",
         )
         check(
             isinstance(server_lr, (int, float)) and math.isfinite(server_lr) and server_lr > 0,
@@ -47,19 +60,17 @@ class RLR(Defence):
         self.threshold = threshold
         self.server_lr = float(server_lr)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if messages and len(messages) < self.threshold:
-            raise ValueError(
-                f"RLR: threshold = {self.threshold} exceeds the {len(messages)} clients sampled in round "
-                f"{server_round}, so every coordinate's learning rate would be negative; lower threshold "
-                "or sample more clients"
-            )
-        return messages
+    def min_clients(self) -> int:
+        return self.threshold
+
+    def too_few_clients(self, sampled: int) -> str:
+        return (
+            f"rlr: threshold = {self.threshold} exceeds the {sampled} clients a round samples, so every "
+            "coordinate's learning rate would be negative; lower threshold or sample more clients"
+        )
 
     def learning_rates(self, vectors: np.ndarray) -> np.ndarray:
+        """Per coordinate: +server_lr where |sum_i sign(u_i)| >= threshold, else -server_lr."""
         agreement = np.abs(np.sign(vectors).sum(axis=0))
         return np.where(agreement >= self.threshold, self.server_lr, -self.server_lr)
 
