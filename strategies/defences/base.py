@@ -53,7 +53,7 @@ from logging import INFO
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -403,18 +403,3 @@ def defend(strategy: Strategy, defence: str | type[Defence], **options: Any) -> 
         defence = DEFENCES[defence]
     return defended(type(strategy), defence)(strategy, **options)
 
-
-def copy_replies(replies: list[Message]) -> list[Message]:
-    """Replies whose ArrayRecords are new containers of the same arrays: an aggregation
-    that pops arrays from them (Flower's FedMedian, FedTrimmedAvg, Bulyan) leaves the
-    originals whole."""
-    copies = []
-    for reply in replies:
-        content = RecordDict(
-            {
-                name: ArrayRecord(dict(record.items())) if isinstance(record, ArrayRecord) else record
-                for name, record in reply.content.items()
-            }
-        )
-        copies.append(Message(content, metadata=reply.metadata))
-    return copies
