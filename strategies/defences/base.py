@@ -402,4 +402,3 @@ def defend(strategy: Strategy, defence: str | type[Defence], **options: Any) -> 
             raise ValueError(f"defence {defence!r} is not known (choose from: {', '.join(sorted(DEFENCES))})")
         defence = DEFENCES[defence]
     return defended(type(strategy), defence)(strategy, **options)
-
