@@ -27,15 +27,11 @@ from fedsim.environment import RunEnvironment
 from fedsim.faults import FAULT_KEY, act_out
 from fedsim.multimodel import PREFIX
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
-from fedsim.trainer import ClientTrainer, RoundConfig, TrainResult
+from fedsim.trainer import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import classification_metrics
 from fedsim.worker import Worker, worker_for
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
 STATISTICS_KEY = "statistics"  # a query's answer as arrays
-NUM_EXAMPLES = "num-examples"  # Flower strategies weight replies by this metric
 DOMAIN_CORRECT = "domain-correct"
 DOMAIN_COUNT = "domain-count"
 

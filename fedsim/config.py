@@ -314,12 +314,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def validate(
-    data: dict[str, Any], source: str = "experiment", inherited: dict[str, set[str]] | None = None
-) -> Experiment:
-    """Validate raw data into an Experiment: unknown keys get a suggestion, bad values
-    name the key, the value and what is allowed. Component parameters are checked
-    against the component itself by :func:`fedsim.components.resolve`."""
+def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experiment:
+    """Raw data as an Experiment, by its schema: unknown keys get a suggestion, bad values
+    name the key, the value and what is allowed. Component parameters are checked against
+    the component itself by :func:`fedsim.build.validate_experiment`, which calls this."""
     for key, value in data.items():
         if key not in TABLES:
             hint = did_you_mean(key, TABLES) or f" (valid keys and tables: {', '.join(TABLES)})"
@@ -353,9 +351,7 @@ def validate(
         if not loc:  # a check across tables
             raise UserError(f"{source}: {message}") from None
         raise UserError(f"{source}: {where} = {toml_value(value)} is invalid: {message}") from None
-    from fedsim.components import resolve
-
-    return resolve(experiment, source, inherited)
+    return experiment
 
 
 ATTACK_TABLES = "attack"
@@ -420,35 +416,6 @@ def decode_toml_bytes(raw: bytes, source: str) -> str:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise UserError(f"{source}: a NUL byte on line {line}: a binary file, not a TOML experiment file")
     return text
-
-
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, override and validate an experiment file (its ``[sweep]`` table is ignored).
-
-    An override that switches a component (``--set partition.name=shards``) keeps the
-    file's other keys of that table only where the new component accepts them, so one
-    file serves every scheme, strategy or model a sweep compares.
-    """
-    data = read_experiment_file(path)
-    data.pop(SWEEP_TABLE, None)
-    file_tables = {key: dict(value) for key, value in data.items() if isinstance(value, dict)}
-    data = apply_overrides(data, overrides or [])
-    return validate(data, str(path), inherited=_inherited_keys(file_tables, data, overrides or []))
-
-
-def _inherited_keys(file_tables: dict[str, dict], data: dict[str, Any], overrides: list[str]) -> dict[str, set[str]]:
-    """Per component table whose ``name`` an override changed: the keys it kept from the file."""
-    overridden: dict[str, set[str]] = {}
-    for text in overrides:
-        path, _ = parse_override(text)
-        if len(path) == 2:
-            overridden.setdefault(path[0], set()).add(path[1])
-    inherited = {}
-    for table, keys in overridden.items():
-        before = file_tables.get(table, {})
-        if "name" in keys and before.get("name") != data.get(table, {}).get("name"):
-            inherited[table] = set(before) - {"name"} - keys
-    return inherited
 
 
 def load_sweep_table(path: str | Path) -> dict[str, Any]:

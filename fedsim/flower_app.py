@@ -35,9 +35,9 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.build import load_experiment, make_engine
 from fedsim.clientapp import make_client_app
-from fedsim.components import make_engine
-from fedsim.config import Experiment, load_experiment
+from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
@@ -198,8 +198,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _main(grid: Grid, context: Context) -> None:
-    from fedsim.run import finish_run, open_run
-    from fedsim.serverapp import Federation
+    # lazy: Flower imports this module in every client process too, which need none of it
+    from fedsim.run import finish_run, new_federation, open_run
 
     flower_run = read_run_config(context.run_config, APP_DIR)
     experiment = flower_run.experiment
@@ -220,7 +220,7 @@ def _main(grid: Grid, context: Context) -> None:
             _say("round %d/%d, accuracy %s", server_round, experiment.rounds, shown)
 
         env = environment(flower_run)
-        federation = Federation(env, prepared.run, prepared.partition, prepared.checkpoint, on_round, prepared.started)
+        federation = new_federation(env, prepared, on_round)
         federation(grid, context)
         result = finish_run(experiment, prepared, federation)
     _say("finished: accuracy %s, summary in %s", result.summary.get("accuracy"), result.path / "summary.json")

@@ -15,9 +15,9 @@ from flwr.common.constant import PARTITION_ID_KEY
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsim.clientapp import CONFIG_KEY
 from fedsim.errors import ClientFailure
 from fedsim.faults import failure_line, raise_user_error
+from fedsim.trainer import CONFIG_KEY
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:

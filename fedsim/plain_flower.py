@@ -29,11 +29,11 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from torch import nn
 
-from fedsim.clientapp import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, client_id, evaluation_metrics, only
-from fedsim.components import trainer_class
+from fedsim.clientapp import client_id, evaluation_metrics, only
 from fedsim.data import ClientData
+from fedsim.lookups import trainer_class
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
-from fedsim.trainer import ClientState, RoundConfig
+from fedsim.trainer import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, ClientState, RoundConfig
 from fedsim.training import resolve_device
 from strategies import FedAvg, FedBN, FedProx, FedWon
 from strategies.fedbn import batchnorm_keys_by_name

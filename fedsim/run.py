@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 import fedsim
-from fedsim.attacks.plan import check_attacks_fit_data
+from fedsim.build import check_attacks_fit_data, check_model, make_engine, make_strategy
 from fedsim.checkpoint import Checkpoint
 from fedsim.clientapp import make_client_app
-from fedsim.components import check_model, make_engine
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment, experiment_dataset
 from fedsim.errors import UserError
@@ -140,11 +139,24 @@ def run_experiment(
         env = RunEnvironment(experiment, prepared.run.path.resolve(), engine.device, engine.client_threads)
         done = prepared.checkpoint.round if prepared.checkpoint else 0
         with round_progress(experiment, enabled=progress, done=done) as on_round:
-            federation = Federation(
-                env, prepared.run, prepared.partition, prepared.checkpoint, on_round, prepared.started
-            )
+            federation = new_federation(env, prepared, on_round)
             engine.execute(federation, make_client_app(env), env, prepared.partition)
         return finish_run(experiment, prepared, federation)
+
+
+def new_federation(env: RunEnvironment, prepared: PreparedRun, on_round) -> Federation:
+    """The ServerApp main of a prepared run; the experiment's strategy is built when the
+    run starts."""
+    num_clients = prepared.partition.num_clients
+    return Federation(
+        env,
+        prepared.run,
+        prepared.partition,
+        lambda: make_strategy(env.experiment, num_clients, env=env),
+        prepared.checkpoint,
+        on_round,
+        prepared.started,
+    )
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:

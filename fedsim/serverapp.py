@@ -23,18 +23,18 @@ from fedsim import multimodel
 from fedsim.attacks.metrics import AttackMetrics
 from fedsim.attacks.plan import AttackPlan, tell_attackers
 from fedsim.checkpoint import Checkpoint, restore_strategy, strategy_state
-from fedsim.clientapp import DOMAIN_CORRECT, DOMAIN_COUNT, METRICS_KEY, NUM_EXAMPLES
-from fedsim.components import make_strategy, resolve_strategy, trainer_class
+from fedsim.clientapp import DOMAIN_CORRECT, DOMAIN_COUNT
 from fedsim.config import Experiment
 from fedsim.data.dataset import local_test_size
 from fedsim.environment import RunEnvironment
 from fedsim.faults import FaultPlan, RoundFaults, Screen
+from fedsim.lookups import strategy_trainer
 from fedsim.ordered_grid import OrderedGrid, discover_clients
 from fedsim.results import CLIENT_HOLDOUT, GLOBAL_TEST, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore
 from fedsim.stream_metrics import StreamMetrics, is_stream
-from fedsim.trainer import SERVER_ROUND, TIME_SLOT, RoundConfig
+from fedsim.trainer import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, TIME_SLOT, RoundConfig
 from fedsim.training import classification_metrics, predict
 from partitioners import Partition
 
@@ -67,6 +67,7 @@ class Federation:
         env: RunEnvironment,
         run: RunDirectory,
         partition: Partition,
+        make_strategy: Callable[[], Strategy],
         resume: Checkpoint | None = None,
         on_round: RoundCallback | None = None,
         started: float | None = None,
@@ -76,6 +77,7 @@ class Federation:
         self.run = run
         self.dataset = env.dataset()
         self.partition = partition
+        self.make_strategy = make_strategy  # the experiment's strategy, built when the run starts
         self.num_clients = partition.num_clients
         # a drift stream's per-slot, per-concept and drift-detection figures (fedsim.stream_metrics)
         self.stream = (
@@ -135,7 +137,7 @@ class Federation:
     # -- the run --------------------------------------------------------------------
     def __call__(self, grid: Grid, context: Context) -> None:
         grid = OrderedGrid(grid, discover_clients(grid, self.num_clients))
-        strategy = make_strategy(self.experiment, self.num_clients, env=self.env)
+        strategy = self.make_strategy()
         if self.resume is not None:
             restore_strategy(strategy, self.resume.strategy_state, str(self.run.checkpoint))
             arrays, first = self.resume.arrays, self.resume.round + 1
@@ -369,8 +371,7 @@ def attack_metrics(env: RunEnvironment, run: RunDirectory, dataset, num_clients:
     if not env.experiment.attack:
         return None
     plan = AttackPlan.from_experiment(env.experiment, num_clients)
-    trainer = trainer_class(resolve_strategy(env.experiment.strategy.name))()
-    return AttackMetrics(plan, dataset, ClientStateStore(run.client_state), trainer)
+    return AttackMetrics(plan, dataset, ClientStateStore(run.client_state), strategy_trainer(env.experiment))
 
 
 def _clients(clients: list[int] | None) -> frozenset[int] | None:

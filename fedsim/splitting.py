@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.components import make_partitioner
+from fedsim.build import make_partitioner
 from fedsim.config import Experiment
 from fedsim.data import Dataset
 from fedsim.errors import UserError

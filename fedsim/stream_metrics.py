@@ -26,13 +26,11 @@ import pandas as pd
 from flwr.app import ArrayRecord
 
 from fedsim import multimodel
-from fedsim.clientapp import NUM_EXAMPLES
 from fedsim.data import Dataset
 from fedsim.results import MetricRow
+from fedsim.trainer import DRIFT_FROM_SLOT, NUM_EXAMPLES, REAL_DRIFT
 from partitioners import Partition
 
-DRIFT_FROM_SLOT = "drift-from-slot"
-REAL_DRIFT = "real-drift"
 COUNTS = ("tp", "fp", "fn", "tn")
 
 

@@ -26,6 +26,14 @@ from fedsim.training import batches, predict
 
 SERVER_ROUND = "server-round"  # the key Flower's strategies use for the round number
 TIME_SLOT = "time-slot"  # the round's slot of a drift stream (0 on a static partition), in every config fedsim sends
+# the records of a client's reply, and the metric by which Flower's strategies weight it
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES = "num-examples"
+# a query reply's drift verdict (FedDAA's detection), which the stream metrics score
+DRIFT_FROM_SLOT = "drift-from-slot"
+REAL_DRIFT = "real-drift"
 
 ClientState = dict[str, np.ndarray]
 """Per-client arrays kept between rounds (FedBN's BN layers, say); never sent."""

@@ -22,7 +22,8 @@ from fedsim.attacks.plan import AttackPlan
 from fedsim.data import ClientData, Dataset
 from fedsim.data.dataset import local_split, view_samples
 from fedsim.environment import RunEnvironment
-from fedsim.progress import note, warn
+from fedsim.lookups import strategy_trainer
+from fedsim.notices import note, warn
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
@@ -33,8 +34,6 @@ class Worker:
     """One run's clients, as seen from one process."""
 
     def __init__(self, env: RunEnvironment) -> None:
-        from fedsim.components import resolve_strategy, trainer_class
-
         self.env = env
         self.device = env.enter()
         # torch.optim imports torch._dynamo (seconds) when it builds its first optimizer;
@@ -44,7 +43,7 @@ class Worker:
         self.dataset: Dataset = env.dataset()
         self.partition = Partition.load(env.run_dir / "partition.npz")
         self.state_store = ClientStateStore(env.run_dir / "client_state")
-        self.trainer: ClientTrainer = trainer_class(resolve_strategy(env.experiment.strategy.name))()
+        self.trainer: ClientTrainer = strategy_trainer(env.experiment)
         self.attacks = AttackPlan.from_experiment(env.experiment, self.partition.num_clients)
         self._views: dict[tuple[int, int], ClientData] = {}
         self._model: nn.Module | None = None

@@ -28,9 +28,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedsim import multimodel
-from fedsim.clientapp import NUM_EXAMPLES
 from fedsim.data import ClientData
-from fedsim.trainer import ClientState, ClientTrainer, RoundConfig, TrainResult
+from fedsim.trainer import NUM_EXAMPLES, ClientState, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import predict
 
 

@@ -47,8 +47,7 @@ from torch import nn
 
 from fedsim import multimodel
 from fedsim.data import ClientData
-from fedsim.stream_metrics import DRIFT_FROM_SLOT, REAL_DRIFT
-from fedsim.trainer import TIME_SLOT, ClientState, QueryResult, RoundConfig
+from fedsim.trainer import DRIFT_FROM_SLOT, REAL_DRIFT, TIME_SLOT, ClientState, QueryResult, RoundConfig
 from fedsim.training import batches
 from strategies import history
 from strategies.clustered import SeveralModels, SeveralModelsTrainer

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config import Experiment, load_experiment
+from fedsim.build import load_experiment
+from fedsim.config import Experiment
 
 IN_CI = os.environ.get("CI") == "true"
 

@@ -13,9 +13,9 @@ import pytest
 from fedsim.attacks.base import STATE_PREFIX
 from fedsim.attacks.metrics import BENIGN, AttackMetrics
 from fedsim.attacks.mirage import PATTERN
-from fedsim.attacks.plan import AttackPlan, check_attacks_fit_data
+from fedsim.attacks.plan import AttackPlan
 from fedsim.attacks.triggers import Trigger
-from fedsim.config import validate
+from fedsim.build import check_attacks_fit_data, validate_experiment
 from fedsim.data import Dataset
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
@@ -30,7 +30,7 @@ BADNETS = {"method": "badnets", "target": 1, "trigger": {"size": 2}}
 def with_attacks(*tables: dict, overrides: tuple[str, ...] = ()):
     """The tiny experiment (4 clients, 8x8 digits, an MLP) with these ``[[attack]]`` tables."""
     data = tiny_experiment(*overrides).to_dict()
-    return validate({**data, "attack": [dict(table) for table in tables]}, "test")
+    return validate_experiment({**data, "attack": [dict(table) for table in tables]}, "test")
 
 
 # -- who attacks ----------------------------------------------------------------------------

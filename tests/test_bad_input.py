@@ -49,16 +49,15 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedsim.build import load_experiment, validate_experiment
 from fedsim.cli import main
 from fedsim.config import (
     TABLE_NAMES,
     TABLES,
     Experiment,
     apply_overrides,
-    load_experiment,
     parse_override,
     read_experiment_file,
-    validate,
 )
 from fedsim.errors import UserError
 from fedsim.registry import validate_parameters
@@ -805,7 +804,7 @@ def _check_outcome(call):
         return None
     assert isinstance(experiment, Experiment)
     # what a run directory stores reads back as the same experiment
-    assert validate(tomllib.loads(experiment.to_toml())).to_dict() == experiment.to_dict()
+    assert validate_experiment(tomllib.loads(experiment.to_toml())).to_dict() == experiment.to_dict()
     return experiment
 
 
@@ -820,7 +819,7 @@ FUZZ = settings(
 @FUZZ
 @given(documents())
 def test_fuzz_validate_documents(document):
-    _check_outcome(lambda: validate(document, "fuzz.toml"))
+    _check_outcome(lambda: validate_experiment(document, "fuzz.toml"))
 
 
 @FUZZ
@@ -850,7 +849,7 @@ def test_fuzz_junk_files(raw):
             assert "\n" not in str(error)
             return
         assert isinstance(data, dict)
-        _check_outcome(lambda: validate(data, str(path)))
+        _check_outcome(lambda: validate_experiment(data, str(path)))
 
 
 @FUZZ
@@ -863,7 +862,7 @@ def test_fuzz_set_random_strings(overrides):
             assert "\n" not in str(error)
             continue
         assert path and all(path)
-    _check_outcome(lambda: validate(apply_overrides(json.loads(json.dumps(VALID)), overrides), "fuzz"))
+    _check_outcome(lambda: validate_experiment(apply_overrides(json.loads(json.dumps(VALID)), overrides), "fuzz"))
 
 
 def _override_texts():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fedsim.build import load_experiment
 from fedsim.cli import main
-from fedsim.config import load_experiment, parse_override
+from fedsim.config import parse_override
 from fedsim.errors import UserError
 
 from .conftest import QUICKSTART

@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 
+from fedsim.build import parameter_defaults
 from fedsim.cli import main
-from fedsim.components import parameter_defaults
 from fedsim.data import DATASETS
 from fedsim.data.sources import SOURCES
 from fedsim.registry import validate_parameters

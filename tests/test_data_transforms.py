@@ -147,7 +147,7 @@ def test_bad_spec_fails_config_validation_before_any_data_loads():
 
 
 def test_experiment_with_transform_domains_resolves_and_keeps_them():
-    from fedsim.config import load_experiment
+    from fedsim.build import load_experiment
 
     experiment = load_experiment(QUICKSTART, ["dataset.name=mnist5k", 'dataset.domains=["identity", "rotate-45"]'])
     assert list(experiment.dataset.params["domains"]) == ["identity", "rotate-45"]

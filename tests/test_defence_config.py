@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.multikrum import compute_distances
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.errors import UserError
 from fedsim.run import run_experiment
 from strategies.defences import DEFENCES, defend

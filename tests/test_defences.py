@@ -350,7 +350,8 @@ def test_root_trainer_takes_the_clients_local_iterations_when_given_steps():
 
 
 def test_fltrusts_server_in_a_run_takes_an_average_clients_local_iterations(monkeypatch):
-    from fedsim import components
+    from fedsim.build.factories import server_resources
+    from fedsim.environment import experiment_dataset
     from strategies.defences import fltrust
 
     seen = {}
@@ -362,11 +363,9 @@ def test_fltrusts_server_in_a_run_takes_an_average_clients_local_iterations(monk
 
         @staticmethod
         def dataset():
-            from fedsim.environment import experiment_dataset
-
             return experiment_dataset(experiment)
 
-    components._defence_needs(experiment, fltrust.FLTrust, Env())
+    fltrust.FLTrust.from_server(server_resources(experiment, Env()))
     per_client = len(Env.dataset().y_train) * 0.8 / 4  # 4 clients, a fifth of each held out
     assert seen["steps"] == 3 * int(np.ceil(per_client / 16))
 

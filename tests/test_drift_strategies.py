@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedsim import multimodel
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.data import ClientData
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.data import DATASETS, ClientData, DatasetInfo, load_dataset
 from fedsim.data.dataset import Dataset
 from fedsim.errors import UserError
@@ -135,7 +135,7 @@ def test_fedbn_averages_uniformly_by_default():
     assert experiment.strategy.params["weighting"] == "uniform"
     from flwr.app import MetricRecord, RecordDict
 
-    from fedsim.components import make_strategy
+    from fedsim.build import make_strategy
 
     strategy = make_strategy(experiment, 2)
     replies = []
@@ -242,7 +242,7 @@ def test_norm_free_resnet_scales_its_residual_branches_by_a_learnable_gain():
 def test_fedwon_sends_its_lambda_to_the_clients():
     from flwr.app import ConfigRecord
 
-    from fedsim.components import make_strategy
+    from fedsim.build import make_strategy
     from fedsim.engine import InProcessGrid
 
     experiment = tiny_experiment("strategy.name=fedwon", "model.name=resnet", "strategy.clip_lambda=0.5")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.data import load_dataset
 from fedsim.environment import experiment_dataset
 from fedsim.errors import UserError

@@ -19,7 +19,7 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.common.config import flatten_dict
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.errors import UserError
 from fedsim.flower_app import (
     CONTROL_KEYS,

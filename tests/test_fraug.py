@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.models import build_model

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from fedsim.build import load_experiment
 from fedsim.cli import main
-from fedsim.config import load_experiment
-from fedsim.progress import RoundWarnings, round_line, round_reporter, run_label
+from fedsim.notices import run_label
+from fedsim.progress import RoundWarnings, round_line, round_reporter
 
 TINY = """\
 name = "tiny"

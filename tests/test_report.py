@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedsim.build import validate_experiment
 from fedsim.cli import main
-from fedsim.config import validate
 from fedsim.report import find_runs, group_keys, read_runs
 from fedsim.results import MetricRow, RunDirectory
 
@@ -23,7 +23,7 @@ def make_run(
     """A run directory as fedsim writes it: config.toml, metrics.csv, summary.json. A
     personalised run (FedBN) reports its clients' held-out accuracy, not a global one."""
     table = {"name": "fedprox", "proximal_mu": mu} if strategy == "fedprox" else {"name": strategy}
-    experiment = validate(
+    experiment = validate_experiment(
         {
             "name": "synthetic",
             "seed": seed,

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedsim.build import load_experiment
 from fedsim.cli import main
-from fedsim.config import load_experiment
 from fedsim.results import METRIC_COLUMNS
 from fedsim.run import run_experiment
 from partitioners import Partition

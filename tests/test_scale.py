@@ -8,7 +8,7 @@ import tracemalloc
 import pandas as pd
 import pytest
 
-from fedsim.config import load_experiment
+from fedsim.build import load_experiment
 from fedsim.engine import InProcessEngine
 from fedsim.run import run_experiment
 from fedsim.serverapp import Federation

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedsim.build import load_experiment
 from fedsim.cli import main
-from fedsim.config import load_experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.sweep import (

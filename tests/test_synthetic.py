@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from fedsim.build import load_experiment
 from fedsim.cli import main
-from fedsim.config import load_experiment
 from fedsim.data import DATASETS, load_dataset
 from fedsim.data.synthetic import load_synthetic
 from fedsim.errors import UserError

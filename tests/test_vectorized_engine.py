@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.config import load_experiment, validate
+from fedsim.build import load_experiment, validate_experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
@@ -26,7 +26,7 @@ CASES = {
 
 
 def final_state(run) -> dict[str, np.ndarray]:
-    experiment = validate(__import__("tomllib").loads((run.path / "config.toml").read_text()), "test")
+    experiment = validate_experiment(__import__("tomllib").loads((run.path / "config.toml").read_text()), "test")
     checkpoint = RunDirectory(run.path).load_checkpoint(experiment)
     return {key: array.numpy() for key, array in checkpoint.arrays.items()}
 
@@ -83,7 +83,7 @@ def test_attackers_and_faulty_clients_train_alone_the_others_together(tmp_path):
 
     def experiment(*more):
         data = tiny_experiment(*overrides, *more).to_dict()
-        return validate({**data, "attack": [attack]}, "test")
+        return validate_experiment({**data, "attack": [attack]}, "test")
 
     sequential = run_experiment(experiment(), tmp_path / "one")
     together = run_experiment(experiment("engine.vectorize=4"), tmp_path / "four")

@@ -62,7 +62,7 @@ def plain_fedavg(config: Path, overrides: list[str]) -> float:
     of SGD over the client's data in the order fedsim's clients use, add the weights
     into a sample-weighted sum on the spot. No messages, no files.
     """
-    from fedsim.config import load_experiment
+    from fedsim.build import load_experiment
     from fedsim.data import load_dataset
     from fedsim.models import build_model
     from fedsim.seeding import derive_seed, torch_generator

@@ -24,20 +24,12 @@ import numpy as np
 from fedsim.attacks.base import AttackTrainer
 from fedsim.attacks.triggers import Trigger
 from fedsim.errors import UserError
+from fedsim.lookups import attack_class
 from fedsim.seeding import derive_seed
 from fedsim.trainer import ClientTrainer
 
 # what the plan passes to an attack itself; the rest of a table's keys are not the method's
 PLAN_ARGUMENTS = ("trainer", "target", "trigger", "poison_fraction", "window", "part", "parts")
-
-
-def attack_class(method: str) -> type[AttackTrainer]:
-    """The attack named ``method``: fedsim's, a user's entry point in the group
-    ``"fedsim.attacks"``, or a ``"package.module:Class"`` reference."""
-    from fedsim.attacks import ATTACK_PLUGINS, ATTACKS
-    from fedsim.registry import resolve_class
-
-    return resolve_class(method, ATTACKS, ATTACK_PLUGINS, AttackTrainer, "attack", "method")
 
 
 @dataclass(frozen=True)
@@ -227,77 +219,3 @@ def split_among_groups(attackers: list[Attacker]) -> dict[int, tuple[int, int]]:
         clients = [client for member in members for client in member.clients]
         parts.update({client: (index, len(clients)) for index, client in enumerate(clients)})
     return parts
-
-
-def resolve_attack_tables(experiment, num_clients: int | None) -> list:
-    """Each ``[[attack]]`` table checked against its method without data (the method
-    exists, takes the options, and accepts the trigger and the strategy's trainer), with
-    its options coerced and their defaults spelled out, as for any component. With
-    ``num_clients`` known, the clients are resolved too."""
-    from fedsim.components import parameter_defaults, resolve_strategy, trainer_class
-    from fedsim.registry import validate_parameters
-
-    trainer = trainer_class(resolve_strategy(experiment.strategy.name))()
-    resolved = []
-    for number, table in enumerate(experiment.attack, start=1):
-        where = f"[[attack]] #{number} ({table.method})"
-        try:
-            cls = attack_class(table.method)
-        except UserError as error:
-            raise UserError(f"[[attack]] #{number}: {error}") from None
-        reserved = [key for key in table.options if key in PLAN_ARGUMENTS]
-        if reserved:
-            raise UserError(f"{where} options {reserved} are keys of the [[attack]] table itself, not options")
-        options = validate_parameters(cls, table.options, f"{where} options", reserved=PLAN_ARGUMENTS)
-        defaults = {key: value for key, value in parameter_defaults(cls).items() if key not in PLAN_ARGUMENTS}
-        table = table.model_copy(update={"options": {**defaults, **options}})
-        size = len(table.clients) if table.clients is not None else table.count
-        attacker = Attacker(
-            name=table.name or str(number - 1),
-            method=table.method,
-            clients=tuple(range(size)),
-            target=table.target,
-            trigger=trigger_of(table.trigger),
-            poison_fraction=table.poison_fraction,
-            window=tuple(table.window) if table.window else None,
-            options=dict(table.options),
-        )
-        parts = {client: (client, size) for client in range(size)} if splits_trigger(cls) else {}
-        try:
-            AttackPlan([], parts).build(attacker, trainer)
-        except (TypeError, ValueError) as error:
-            raise UserError(f"{where}: {error}") from None
-        resolved.append(table)
-    if num_clients is not None and resolved:
-        AttackPlan.from_experiment(experiment, num_clients)
-    return resolved
-
-
-def check_attacks_fit_data(experiment, input_shape: tuple[int, ...], num_classes: int, num_clients: int) -> None:
-    """What needs the data: targets are classes, triggers fit the images."""
-    import torch
-
-    from fedsim.components import resolve_strategy, trainer_class
-
-    plan = AttackPlan.from_experiment(experiment, num_clients)
-    trainer = trainer_class(resolve_strategy(experiment.strategy.name))()
-    for number, attacker in enumerate(plan.attackers, start=1):
-        if attacker.target >= num_classes:
-            raise UserError(
-                f"[[attack]] #{number} target = {attacker.target} is not a class: the dataset has {num_classes} "
-                f"(labels 0 to {num_classes - 1})"
-            )
-        attack = plan.build(attacker, trainer)
-        trigger = attack.training_trigger() or attack.test_trigger
-        if trigger is None:
-            continue
-        if len(input_shape) != 3:
-            raise UserError(
-                f"[[attack]] #{number} ({attacker.method}) stamps a trigger on images, but the inputs have shape "
-                f"{tuple(input_shape)}; use a method without one (label_flip) or images (no [features])"
-            )
-        try:
-            trigger.apply(torch.zeros(1, *input_shape))
-            attack.test_trigger.apply(torch.zeros(1, *input_shape))
-        except ValueError as error:
-            raise UserError(f"[[attack]] #{number} trigger: {error}") from None

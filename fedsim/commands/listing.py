@@ -8,10 +8,10 @@ import sys
 
 def execute(args: argparse.Namespace) -> int:
     from fedsim.attacks import ATTACK_PLUGINS, ATTACKS
-    from fedsim.components import STRATEGY_PLUGINS
     from fedsim.data import DATASETS
     from fedsim.data.features import FEATURE_EXTRACTORS
     from fedsim.engine import ENGINES
+    from fedsim.lookups import STRATEGY_PLUGINS
     from fedsim.models import MODELS
     from fedsim.registry import describe, plugin_table
     from partitioners import PARTITIONERS

@@ -38,7 +38,7 @@ def default_out(experiment) -> Path:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fedsim.config import load_experiment
+    from fedsim.build import load_experiment
     from fedsim.environment import experiment_dataset
     from fedsim.splitting import describe_partition, split_dataset
 

@@ -41,7 +41,7 @@ def format_metric(value: float | None) -> str:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fedsim.config import load_experiment
+    from fedsim.build import load_experiment
     from fedsim.run import run_experiment
 
     if args.out is not None and not args.out.strip():
@@ -71,7 +71,7 @@ def execute(args: argparse.Namespace) -> int:
 
 def resumed_experiment(args: argparse.Namespace):
     """``--resume RUN_DIR``: the experiment in the run directory's config.toml, run there."""
-    from fedsim.config import load_experiment
+    from fedsim.build import load_experiment
 
     if args.config or args.set or args.out or args.overwrite:
         raise UserError(
@@ -88,7 +88,7 @@ def raise_strategy_failure(experiment, error: BaseException, *, verbose: bool = 
     """Raise a one-line UserError if ``error`` came from the user's own strategy code (a
     ``module:Class`` strategy whose ``configure_train`` raised, say); return otherwise.
     With ``verbose``, the traceback is printed first."""
-    from fedsim.components import strategy_failure
+    from fedsim.build import strategy_failure
 
     failure = strategy_failure(experiment, error)
     if failure is None:

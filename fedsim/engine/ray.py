@@ -39,7 +39,7 @@ from fedsim.engine.inprocess import Device, Vectorize
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
 from fedsim.errors import ClientFailure, UserError
-from fedsim.progress import warn
+from fedsim.notices import warn
 from partitioners import Partition
 
 

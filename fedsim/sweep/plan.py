@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import atomic
-from fedsim.config import Experiment, load_experiment
+from fedsim.build import load_experiment
+from fedsim.config import Experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
 from fedsim.sweep.grid import SweepSpec, check_disjoint, toml_value

@@ -99,7 +99,7 @@ def execute_run(task: RunTask) -> RunOutcome:
     """Run one run in a worker; any error becomes a failed outcome, with its traceback in
     the run directory's error.txt, and an interruption an "interrupted" one."""
     from fedsim.flower_log import quiet_flower
-    from fedsim.progress import run_label
+    from fedsim.notices import run_label
     from fedsim.run import run_experiment
 
     started = time.monotonic()

@@ -10,7 +10,12 @@ each client where the class's ``filters`` is True (a rule that drops clients).
 ``DEFENCES`` maps a name to its class; each module is imported on first use.
 """
 
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
 from fedsim.registry import LazyRegistry
+from strategies.defences.base import Defence, defended
 
 DEFENCES = LazyRegistry(
     {
@@ -30,12 +35,14 @@ DEFENCES = LazyRegistry(
 )
 
 
-def defend(strategy, defence, **options):
-    """``strategy`` wrapped in ``defence`` (a name in :data:`DEFENCES` or a Defence class);
-    see :func:`strategies.defences.base.defend`."""
-    from strategies.defences.base import defend as build
-
-    return build(strategy, defence, **options)
+def defend(strategy: Strategy, defence: str | type[Defence], **options: Any) -> Defence:
+    """``strategy`` wrapped in ``defence`` (a name in :data:`DEFENCES` or a Defence class),
+    as an instance of :func:`~strategies.defences.base.defended`'s class."""
+    if isinstance(defence, str):
+        if defence not in DEFENCES:
+            raise ValueError(f"defence {defence!r} is not known (choose from: {', '.join(sorted(DEFENCES))})")
+        defence = DEFENCES[defence]
+    return defended(type(strategy), defence)(strategy, **options)
 
 
 __all__ = ["DEFENCES", "defend"]

@@ -12,7 +12,7 @@ strategy (FedAvg, FedProx, FedBN, FedWon). Attributes set on the wrapper stay on
 and ``validate_model`` from the strategy *class*. A defence changes none of them: the
 clients train as the wrapped strategy says. :func:`defended` makes, once per pair, a
 subclass of the defence that carries the wrapped class's values of those attributes, and
-:func:`defend` builds an instance of it, so ``type(defence).client_trainer`` is FedBN's
+:func:`strategies.defences.defend` builds an instance of it, so ``type(defence).client_trainer`` is FedBN's
 trainer for a defended FedBN. fedsim may equally keep reading them from the wrapped
 strategy's class (``resolve_strategy(name)``), which gives the same values.
 
@@ -47,7 +47,7 @@ fewer, and fedsim checks it against the experiment before a run starts.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any, ClassVar
@@ -59,6 +59,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsim import multimodel
+from fedsim.notices import warn
 from fedsim.seeding import derive_seed
 
 STATE_PREFIX = "defence."
@@ -76,6 +77,19 @@ def is_statistic(key: str, array: np.ndarray, include_statistics: bool = False) 
     if not np.issubdtype(array.dtype, np.floating):
         return True
     return not include_statistics and key.rsplit(".", 1)[-1] in STATISTICS
+
+
+@dataclass(frozen=True)
+class ServerResources:
+    """What the server holds that a defence may need besides the replies (see
+    :meth:`Defence.from_server`): a way to build the model, the dataset, the clients'
+    local-training settings, how many clients there are and the experiment's seed."""
+
+    new_model: Callable[[], Any]
+    dataset: Any  # fedsim.data.Dataset
+    client: Any  # the experiment's [client] table (fedsim.config.ClientTable)
+    num_clients: int
+    seed: int
 
 
 @dataclass
@@ -154,8 +168,9 @@ class Defence(Strategy):
     """
 
     name: ClassVar[str] = "defence"
-    # parameters the simulator fills in (never from an experiment file), besides
-    # ``strategy`` and ``seed``: FLTrust's root_update, DeepSight's model_fn and input_shape
+    # parameters the server fills in with :meth:`from_server` (never from an experiment
+    # file), besides ``strategy`` and ``seed``: FLTrust's root_update, DeepSight's model_fn
+    # and input_shape
     needs: ClassVar[tuple[str, ...]] = ()
     # whether the rule drops clients, so that ``last_accepted`` is a verdict on each: False
     # for rules that keep every reply and only bound its influence (clipping, medians),
@@ -166,6 +181,11 @@ class Defence(Strategy):
     # whether BatchNorm running statistics join the update vectors (distance-based rules
     # set it from their option of that name)
     include_statistics: bool = False
+
+    @classmethod
+    def from_server(cls, server: ServerResources) -> dict[str, Any]:
+        """The values of :attr:`needs`, made from what the server holds."""
+        return {}
 
     def __init__(self, strategy: Strategy, *, seed: int = 0) -> None:
         check(
@@ -226,8 +246,6 @@ class Defence(Strategy):
         """Say ``message`` (a problem the run goes on despite) once per defence instance."""
         if message not in self._warned:
             self._warned.add(message)
-            from fedsim.progress import warn
-
             warn(message)
 
     def configure_evaluate(
@@ -390,15 +408,3 @@ def vars_of(cls: type, name: str) -> Any:
         if name in vars(klass):
             return vars(klass)[name]
     return getattr(cls, name)
-
-
-def defend(strategy: Strategy, defence: str | type[Defence], **options: Any) -> Defence:
-    """``strategy`` wrapped in ``defence`` (a name of :data:`strategies.defences.DEFENCES`
-    or a Defence class), as an instance of :func:`defended`'s class."""
-    if isinstance(defence, str):
-        from strategies.defences import DEFENCES
-
-        if defence not in DEFENCES:
-            raise ValueError(f"defence {defence!r} is not known (choose from: {', '.join(sorted(DEFENCES))})")
-        defence = DEFENCES[defence]
-    return defended(type(strategy), defence)(strategy, **options)

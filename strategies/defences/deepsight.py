@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 from sklearn.cluster import HDBSCAN
 
 from fedsim.seeding import derive_seed
-from strategies.defences.base import Aggregate, Defence, Updates, check, clip_to, mean_update
+from strategies.defences.base import Aggregate, Defence, ServerResources, Updates, check, clip_to, mean_update
 from strategies.defences.flame import cosine_distances
 
 
@@ -97,8 +98,6 @@ def division_differences(reference: Any, clients: Sequence[Any], noise: Any, bat
     """DDifs (n, P) of one noise set: DDif_ik = mean over the inputs x of
     p_i(k | x) / p_G(k | x), the softmax probabilities of client model i and of the global
     model ``reference`` (torch modules that return logits). Everything runs in float64."""
-    import torch
-
     noise = torch.as_tensor(noise, dtype=torch.float64)
     sums = None
     with torch.no_grad():
@@ -182,6 +181,11 @@ class DeepSight(Defence):
 
     name = "deepsight"
     needs = ("model_fn", "input_shape")
+
+    @classmethod
+    def from_server(cls, server: ServerResources) -> dict[str, Any]:
+        """The model to run the DDifs on, and one input's shape."""
+        return {"model_fn": server.new_model, "input_shape": server.dataset.input_shape}
 
     def __init__(
         self,
@@ -269,8 +273,6 @@ class DeepSight(Defence):
 
     def noise(self, seed_index: int) -> Any:
         """Noise set ``seed_index``: ``num_samples`` inputs uniform in [0, 1), float64."""
-        import torch
-
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "deepsight-noise", seed_index))
         return torch.rand(self.num_samples, *self.input_shape, generator=generator, dtype=torch.float64)
 

@@ -3,14 +3,21 @@ Bootstrapping", NDSS 2021)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
+from torch.nn import functional as F
 
-from strategies.defences.base import Aggregate, Defence, Updates, check
+from fedsim.seeding import derive_seed, torch_generator
+from fedsim.training import batches
+from strategies.defences.base import Aggregate, Defence, ServerResources, Updates, check
+
+ROOT_SET_SIZE = 100  # the paper's root set, drawn from the training data
 
 RootUpdate = Callable[[ArrayRecord, int], ArrayRecord]
 """(global arrays, server round) -> the arrays after training a copy of the global model
@@ -45,6 +52,31 @@ class FLTrust(Defence):
 
     name = "fltrust"
     needs = ("root_update",)
+
+    @classmethod
+    def from_server(cls, server: ServerResources) -> dict[str, Any]:
+        """The server's root set: the paper's 100 examples, drawn with the seed from the
+        training data, trained as an average client trains (its learning rate, momentum,
+        weight decay and batch size, and its local iterations: the paper's server takes
+        as many as a client)."""
+        dataset, client = server.dataset, server.client
+        rng = np.random.default_rng(derive_seed(server.seed, "root-set"))
+        root = rng.choice(len(dataset.y_train), min(ROOT_SET_SIZE, len(dataset.y_train)), replace=False)
+        per_client = len(dataset.y_train) * (1 - client.local_test_fraction) / max(server.num_clients, 1)
+        batches_per_epoch = math.ceil(per_client / client.batch_size)
+        root_update = root_trainer(
+            server.new_model,
+            dataset.x_train[root],
+            dataset.y_train[root],
+            lr=client.lr,
+            epochs=client.local_epochs,
+            batch_size=client.batch_size,
+            momentum=client.momentum,
+            weight_decay=client.weight_decay,
+            seed=server.seed,
+            steps=client.local_epochs * batches_per_epoch,
+        )
+        return {"root_update": root_update}
 
     def __init__(self, strategy: Strategy, *, root_update: RootUpdate, **kwargs) -> None:
         super().__init__(strategy, **kwargs)
@@ -94,12 +126,6 @@ def root_trainer(
     torch model; keys the global arrays lack (FedBN's BatchNorm) keep its initial values.
     Shuffling and any dropout are seeded by (``seed``, round) without touching torch's
     global generator."""
-    import torch
-    from torch.nn import functional as F
-
-    from fedsim.seeding import derive_seed, torch_generator
-    from fedsim.training import batches
-
     check(callable(model_fn), f"model_fn must be callable, got {type(model_fn).__name__}")
     check(len(x) == len(y), f"x and y must have the same length, got {len(x)} and {len(y)}")
     check(len(y) >= 1, "the root set (x, y) must hold at least one example")
