@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from fedsim import __version__
 from fedsim.commands import COMMANDS
 from fedsim.errors import ClientFailure, UserError
 from fedsim.flower_log import quiet_flower
@@ -26,8 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from fedsim import __version__
-
     parser = _Parser(
         prog="fedsim",
         description="Federated-learning simulations of label and feature skew, on Flower.",

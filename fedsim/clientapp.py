@@ -29,6 +29,7 @@ from fedsim.multimodel import PREFIX
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
 from fedsim.trainer import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import classification_metrics
+from fedsim.vectorize import train_clients
 from fedsim.worker import Worker, worker_for
 
 STATISTICS_KEY = "statistics"  # a query's answer as arrays
@@ -158,8 +159,6 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         float rounding. Clients that cannot be trained together (an attacker, a fault to
         act out, a trainer or model the vectorised loop does not reproduce) take
         :func:`train` alone; their replies keep their places."""
-        from fedsim.vectorize import train_clients
-
         if worker_for(environment_for(contexts[0])).vectorize == 1:  # one at a time, as without it
             return [train(message, context) for message, context in zip(messages, contexts, strict=True)]
         replies: list[Message | None] = [None] * len(messages)

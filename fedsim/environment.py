@@ -16,14 +16,13 @@ import torch
 
 from fedsim.config import Experiment
 from fedsim.data import Dataset, load_dataset
+from fedsim.data.features import with_features
 from fedsim.models import build_model
 from fedsim.training import resolve_device
 
 
 def experiment_dataset(experiment: Experiment) -> Dataset:
     """The experiment's dataset, through its ``[features]`` extractor when it names one."""
-    from fedsim.data.features import with_features
-
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     return with_features(dataset, experiment.features.name, **experiment.features.params)
 

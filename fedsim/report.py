@@ -310,6 +310,7 @@ def plot_curves(
     metrics.csv has no such per-round series."""
     from matplotlib.ticker import MaxNLocator
 
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plt, save_figure
 
     rows = table.curves[table.curves["metric"] == metric]
@@ -343,6 +344,7 @@ def plot_curves(
 
 def plot_final(summary: pd.DataFrame, keys: list[str], metric: str, path: Path) -> None:
     """The final ``metric`` per group: bars of the mean, error bars of the std."""
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plt, save_figure
 
     labels = group_labels(summary, keys)

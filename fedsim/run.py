@@ -23,6 +23,7 @@ from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment, experiment_dataset
 from fedsim.errors import UserError
 from fedsim.flower_log import quiet_flower
+from fedsim.progress import round_reporter
 from fedsim.results import RunDirectory
 from fedsim.serverapp import Federation
 from fedsim.splitting import describe_partition, split_dataset
@@ -103,6 +104,7 @@ def load_partition(run: RunDirectory) -> Partition:
 
 def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
     """After the last round: summary.json and the training plot."""
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plot_attacks, plot_training
 
     summary = make_summary(experiment, federation, prepared.partition, federation.elapsed())
@@ -208,7 +210,5 @@ def _across_clients(latest: dict[int, float]) -> list[float]:
 def round_progress(experiment: Experiment, enabled: bool, done: int):
     """The round callback: a progress bar on a terminal, else one line per round (nothing
     more if not ``enabled``), and warnings on stderr (:mod:`fedsim.progress`)."""
-    from fedsim.progress import round_reporter
-
     with round_reporter(experiment, enabled=enabled, done=done) as on_round:
         yield on_round

@@ -10,11 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from fedsim import atomic
 from fedsim.build import make_partitioner
 from fedsim.config import Experiment
 from fedsim.data import Dataset
 from fedsim.errors import UserError
 from partitioners import DriftStream, Partition, Partitioner
+from partitioners.drift import EVENT_NAMES
+from partitioners.embedders import embed
 from partitioners.skew import SkewReport
 
 
@@ -63,8 +66,6 @@ def dataset_embeddings(
     experiment: Experiment, dataset: Dataset, embedder: str = "pixels", options: Mapping[str, Any] | None = None
 ) -> np.ndarray:
     """One embedding row per training sample, cached by dataset, embedder, options and seed."""
-    from partitioners.embedders import embed
-
     try:
         return embed(
             dataset.x_train,
@@ -87,7 +88,7 @@ def describe_partition(
     distances, on the embedding split's own embeddings or else on pixel embeddings. A drift
     stream (whose skew is its first slot's) adds a ``stream`` section to skew.json and
     the clients x slots maps of :func:`describe_stream`."""
-    from fedsim import atomic
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plot_heatmap
 
     embeddings = None
@@ -149,8 +150,8 @@ EVENT_COLOURS = {
 def describe_stream(name: str, stream: DriftStream, plots: Path) -> None:
     """Draw a drift stream: clients x slots maps of each view's main concept
     (``stream_concepts.png``) and of the drift events into each slot (``stream_events.png``)."""
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plot_categories
-    from partitioners.drift import EVENT_NAMES
 
     plot_categories(
         stream.concept_matrix(),

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord
 
 from fedsim import multimodel
 from fedsim.data import Dataset
+from fedsim.data.transforms import parse_transform
 from fedsim.results import MetricRow
 from fedsim.trainer import DRIFT_FROM_SLOT, NUM_EXAMPLES, REAL_DRIFT
 from partitioners import Partition
@@ -109,8 +110,6 @@ class StreamMetrics:
         each transform of the round's slot, scope ``test_set``, id ``concept/transform``.
         With several global models each set's best model counts (``accuracy_best_model``:
         an upper bound, as the choice uses the test labels)."""
-        from fedsim.data.transforms import parse_transform
-
         slot = self.partition.slot_of(server_round)
         current = {self.partition.view_at(c, slot).transform for c in range(self.partition.num_clients)}
         packed = multimodel.is_packed(arrays)

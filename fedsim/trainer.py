@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
+from fedsim.clipping import AdaptiveClipping
 from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.training import batches, predict
@@ -133,8 +134,17 @@ class ClientTrainer:
     def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(model(x), y)
 
+    def gradient_clipping(self, config: RoundConfig) -> AdaptiveClipping | None:
+        """The gradient clipping this trainer applies before every step (FedWon's adaptive
+        clipping), or None. A trainer declares it here rather than in :meth:`before_step`,
+        so that the vectorised loop (:mod:`fedsim.vectorize`) clips K clients as it would."""
+        return None
+
     def before_step(self, model: nn.Module, config: RoundConfig) -> None:
-        """Hook between backward and the optimizer step (gradient clipping, say)."""
+        """Hook between backward and the optimizer step: the declared gradient clipping."""
+        clipping = self.gradient_clipping(config)
+        if clipping is not None:
+            clipping.apply(model)
 
     def fit(
         self,
@@ -144,7 +154,9 @@ class ClientTrainer:
         generator: torch.Generator,
         device: torch.device,
     ) -> dict[str, float]:
-        """Run the local epochs; return the mean training loss."""
+        """Run the local epochs; return the mean training loss (and the clipping threshold
+        applied, where the trainer declares one that is reported)."""
+        clipping = self.gradient_clipping(config)  # a trainer that cannot clip fails before training
         x = torch.as_tensor(data.x_train).to(device)
         y = torch.as_tensor(data.y_train).to(device)
         optimizer = self.make_optimizer(model, config)
@@ -174,7 +186,10 @@ class ClientTrainer:
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(yb)
                 seen += len(yb)
-        return {"train_loss": total_loss / max(seen, 1)}
+        metrics = {"train_loss": total_loss / max(seen, 1)}
+        if clipping is not None and clipping.metric is not None:
+            metrics[clipping.metric] = clipping.threshold
+        return metrics
 
     def send(self, model: nn.Module, state: ClientState) -> tuple[ArrayRecord, ClientState]:
         """What goes back to the server, and what the client keeps (as CPU arrays: the

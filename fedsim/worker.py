@@ -20,13 +20,15 @@ from torch import nn
 
 from fedsim.attacks.plan import AttackPlan
 from fedsim.data import ClientData, Dataset
-from fedsim.data.dataset import local_split, view_samples
+from fedsim.data.dataset import local_split
+from fedsim.data.transforms import view_samples
 from fedsim.environment import RunEnvironment
 from fedsim.lookups import strategy_trainer
 from fedsim.notices import note, warn
 from fedsim.seeding import derive_seed
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
+from fedsim.vectorize import auto_k, vectorizable
 from partitioners import Partition
 
 
@@ -56,8 +58,6 @@ class Worker:
         wanted = self.env.experiment.engine.params.get("vectorize", 1)
         if wanted != "auto":
             return int(wanted)
-        from fedsim.vectorize import auto_k
-
         shape = self.dataset.input_shape
         chosen, why = auto_k(
             self.model(), self.env.experiment.client.batch_size, shape, self.device, max_k=self.partition.num_clients
@@ -68,8 +68,6 @@ class Worker:
     @functools.cached_property
     def _why_not_vectorised(self) -> str | None:
         """Why the strategy's clients cannot train together (None: they can), said once."""
-        from fedsim.vectorize import vectorizable
-
         ok, reason = vectorizable(self.trainer)
         if ok and any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self.model().modules()):
             ok, reason = False, "the model draws dropout masks from the global generator"

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedsim.atomic import write_npz
+from partitioners.skew import measure_skew
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class Partition:
         Other per-sample group ids worth inspecting, such as ``"cluster"`` for an
         embedding split or ``"domain"`` for a domain split (same length as ``labels``).
     """
+
+    # the .npz entry that marks a file a subclass saved (DriftStream's "stream_format")
+    file_marker: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -125,8 +129,6 @@ class Partition:
 
     def skew(self, embeddings: np.ndarray | None = None):
         """How far each client's data is from the federation's: see :func:`partitioners.skew.measure_skew`."""
-        from partitioners.skew import measure_skew
-
         return measure_skew(self, embeddings)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -143,12 +145,13 @@ class Partition:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Partition:
-        """A partition, or the drift stream (a Partition too) that :meth:`save` wrote."""
+        """A partition, or the drift stream (a Partition too) that :meth:`save` wrote: a
+        subclass that saves more marks its files with its :attr:`file_marker` and reads
+        them back with its ``from_npz``."""
         with np.load(path, allow_pickle=False) as data:
-            if "stream_format" in data.files:
-                from partitioners.drift import DriftStream
-
-                return DriftStream.from_npz(data)
+            for kind in _subclasses(Partition):
+                if kind.file_marker is not None and kind.file_marker in data.files:
+                    return kind.from_npz(data)
             bounds = np.cumsum(data["sizes"])[:-1]
             groups = {k[len("group_") :]: data[k] for k in data.files if k.startswith("group_")}
             return cls(
@@ -279,3 +282,8 @@ def indices_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
     counts = np.bincount(owner[owner >= 0], minlength=num_clients)
     start = int(np.count_nonzero(owner < 0))
     return np.split(order[start:], np.cumsum(counts)[:-1])
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of ``cls`` defined so far, depth first."""
+    return [kind for sub in cls.__subclasses__() for kind in (sub, *_subclasses(sub))]

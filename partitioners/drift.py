@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.atomic import write_npz
+from fedsim.data.transforms import parse_transform
 from partitioners.allocation import cut_counts
 from partitioners.base import (
     ClientView,
@@ -156,6 +157,8 @@ class DriftStream(Partition):
         A name for each label map (its spec), for plots and reports.
     """
 
+    file_marker = "stream_format"  # what save writes and Partition.load looks for
+
     def __init__(
         self,
         views: Sequence[Sequence[ClientView]],
@@ -190,8 +193,6 @@ class DriftStream(Partition):
         transform_specs = tuple(str(s) for s in transform_specs)
         if not transform_specs or transform_specs[0] != "identity":
             raise ValueError(f"transform_specs[0] must be 'identity', got {transform_specs[:1]}")
-        from fedsim.data.transforms import parse_transform
-
         for spec in transform_specs:
             parse_transform(spec)
         self.transform_specs = transform_specs
@@ -596,8 +597,6 @@ class DriftPartitioner(Partitioner):
                 f"concepts[0] must be 'identity' (every client starts with its labels as they are), got {concepts[:1]}"
             )
         transforms = _string_list("transforms", transforms)
-        from fedsim.data.transforms import parse_transform
-
         for spec in transforms:
             try:
                 parse_transform(spec)

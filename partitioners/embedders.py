@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.data.cache import cache_key, cached_arrays
+from fedsim.errors import UserError
+from fedsim.registry import did_you_mean, load_reference, validate_parameters
 from partitioners.base import check_fraction, check_integer, check_positive
 
 EmbedFunction = Callable[..., np.ndarray]
@@ -40,9 +43,6 @@ def register_embedder(name: str, fn: EmbedFunction, *, cache: bool = True) -> No
 
 def resolve_embedder(name: str) -> Embedder:
     """A registered embedder, or a function named ``"package.module:function"``."""
-    from fedsim.errors import UserError
-    from fedsim.registry import did_you_mean, load_reference
-
     if name in EMBEDDERS:
         return EMBEDDERS[name]
     if ":" in name:
@@ -61,9 +61,6 @@ def resolve_embedder(name: str) -> Embedder:
 
 def check_embedder_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The embedder's options checked against its signature, as a ValueError naming the key."""
-    from fedsim.errors import UserError
-    from fedsim.registry import validate_parameters
-
     try:
         return validate_parameters(
             resolve_embedder(name).fn, dict(options or {}), "embedder_options", ("x", "y", "seed")
@@ -82,8 +79,6 @@ def embed(
     dataset_key: Any = None,
 ) -> np.ndarray:
     """Embed every sample of ``x`` (float32, one row per sample), through the disk cache."""
-    from fedsim.data.cache import cache_key, cached_arrays
-
     spec = resolve_embedder(embedder)
     checked = check_embedder_options(embedder, options)
 
@@ -135,6 +130,7 @@ def model_embeddings(
     place of their fine-tuned CLIP. The public samples' rows are NaN, so no client
     receives them: the partition then covers the other ``1 - public_fraction``.
     """
+    # lazy: `import partitioners` stays free of torch; only a model embedder needs it
     from fedsim.data.features import extract, pretrain_on_public_split
     from fedsim.models import MODELS
 

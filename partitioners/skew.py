@@ -26,7 +26,7 @@ import numpy as np
 if TYPE_CHECKING:  # pandas and SciPy are imported where used: `import partitioners` stays light
     import pandas as pd
 
-from partitioners.base import Partition
+    from partitioners.base import Partition  # only the type: a Partition measures itself with this module
 
 
 @dataclass(frozen=True)

@@ -17,61 +17,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedsim.data import ClientData
+from fedsim.clipping import AdaptiveClipping
 from fedsim.models.norm import has_normalization
 from fedsim.trainer import ClientTrainer, RoundConfig
 
-AGC_EPS = 1e-3  # the floor on a weight's norm, so zero-initialised units can still move
 AGC_LAMBDA = "agc-lambda"  # the threshold: sent in the train config, reported as a train metric
 
 
-def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """Norm per output unit: over each row of a dense weight and each output channel's
-    fan-in of a conv weight (WSConv's per-channel gain, shaped (C, 1, 1, 1), is thus one
-    unit per channel); a vector or a scalar (a bias) counts as one unit."""
-    if tensor.ndim <= 1:
-        return torch.linalg.vector_norm(tensor)
-    return torch.linalg.vector_norm(tensor, dim=tuple(range(1, tensor.ndim)), keepdim=True)
-
-
-@torch.no_grad()
-def agc_scale(max_norm: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """AGC's factor per unit: max_norm / ||G_i|| where ||G_i|| exceeds max_norm, else 1.
-    Shared with the vectorised trainers (:mod:`fedsim.vectorize`), which must clip as this
-    does."""
-    return torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-12), torch.ones_like(grad_norm))
-
-
-def adaptive_clip_(parameters: Iterable[nn.Parameter], clip_lambda: float, eps: float = AGC_EPS) -> None:
-    """Adaptive gradient clipping, in place: for each unit i, if
-    ||G_i|| / max(||W_i||, eps) > lambda, then G_i <- lambda * max(||W_i||, eps) / ||G_i|| * G_i."""
-    for parameter in parameters:
-        if parameter.grad is None:
-            continue
-        max_norm = clip_lambda * unitwise_norm(parameter).clamp_min(eps)
-        grad_norm = unitwise_norm(parameter.grad)
-        parameter.grad.mul_(agc_scale(max_norm, grad_norm))
-
-
-def classifier(model: nn.Module) -> nn.Module:
-    """The layer AGC leaves alone, as NFNets do: ``model.head`` (every fedsim model has
-    one), else the model's last ``nn.Linear``, else none (an empty module)."""
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Module):
-        return head
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    return linears[-1] if linears else nn.Module()
-
-
 class FedWonTrainer(ClientTrainer):
-    """FedAvg's local SGD with adaptive gradient clipping on every layer but the classifier
-    (:func:`classifier`), at the server's threshold; the threshold applied is reported as
-    the train metric ``agc-lambda``."""
+    """FedAvg's local SGD with adaptive gradient clipping (:mod:`fedsim.clipping`) on every
+    layer but the classifier, at the server's threshold; the threshold applied is reported
+    as the train metric ``agc-lambda``."""
 
     @staticmethod
     def clip_lambda(config: RoundConfig) -> float:
@@ -82,21 +42,8 @@ class FedWonTrainer(ClientTrainer):
             )
         return float(config.extra[AGC_LAMBDA])
 
-    def fit(
-        self,
-        model: nn.Module,
-        data: ClientData,
-        config: RoundConfig,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> dict[str, float]:
-        clip_lambda = self.clip_lambda(config)
-        return {**super().fit(model, data, config, generator, device), AGC_LAMBDA: clip_lambda}
-
-    def before_step(self, model: nn.Module, config: RoundConfig) -> None:
-        head = {id(p) for p in classifier(model).parameters()}
-        body = [p for p in model.parameters() if id(p) not in head]
-        adaptive_clip_(body, self.clip_lambda(config))
+    def gradient_clipping(self, config: RoundConfig) -> AdaptiveClipping:
+        return AdaptiveClipping(self.clip_lambda(config), metric=AGC_LAMBDA)
 
 
 class FedWon(FedAvg):
@@ -146,7 +93,7 @@ class FedWon(FedAvg):
                     f"FedWon: the reply of node {node} has no {AGC_LAMBDA!r} train metric, so its ClientApp did "
                     "not apply FedWon's adaptive gradient clipping (AGC), and averaging it would be FedAvg. Use "
                     "fedsim's ClientApp or fedsim.plain_flower.client_app(FedWon, model_fn, data_fn); a ClientApp "
-                    f"of your own must clip with strategies.fedwon.adaptive_clip_ at the config's {AGC_LAMBDA!r} "
+                    f"of your own must clip with fedsim.clipping.adaptive_clip_ at the config's {AGC_LAMBDA!r} "
                     f"and report that value as the train metric {AGC_LAMBDA!r}"
                 )
             for value in applied:

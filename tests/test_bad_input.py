@@ -1,4 +1,4 @@
-"""A catalogue of bad input (issue 12): malformed experiment files and command lines.
+"""A catalogue of bad input: malformed experiment files and command lines.
 
 Every case must end the same way: exit code 2, exactly one line on stderr that starts with
 ``error: `` and names the bad key or value (the words listed with the case), and no
@@ -913,6 +913,6 @@ def test_fuzz_set_real_keys(overrides):
 
 
 def test_catalogue_size():
-    """Issue 12 asks for at least 60 malformed files and command lines."""
+    """The catalogue holds at least 60 malformed files and command lines."""
     cases = [FILE_CASES, BYTES_CASES, ARGV_CASES, STRATEGY_CASES, REPORT_CASES, RUN_DIRECTORY_CASES]
     assert sum(map(len, cases)) >= 60

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsim.build import load_experiment
+from fedsim.clipping import adaptive_clip_
 from fedsim.data import DATASETS, ClientData, DatasetInfo, load_dataset
 from fedsim.data.dataset import Dataset
 from fedsim.errors import UserError
@@ -21,7 +22,6 @@ from fedsim.run import run_experiment
 from fedsim.state import ClientStateStore
 from fedsim.trainer import RoundConfig
 from strategies.fedbn import FedBNTrainer
-from strategies.fedwon import adaptive_clip_
 
 from .conftest import QUICKSTART, tiny_experiment
 

@@ -499,7 +499,7 @@ def check_names_match_what_ran(out: Path) -> dict[str, str]:
 
 
 def test_grid_strategy_name_replaces_the_files_strategy_tables(tmp_path):
-    """The new user's command of issue 12, with tiny runs: 2 strategies, not 4 x 2. Slow-ish
+    """The sweep command a new user types, with tiny runs: 2 strategies, not 4 x 2. Slow-ish
     (10-25 s: two workers start; FedBN needs the file's BatchNorm CNN, not the MLP)."""
     out = tmp_path / "out"
     tiny = ["rounds=1", "dataset.name=digits", "partition.name=iid", "partition.num_clients=2"]

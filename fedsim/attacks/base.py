@@ -290,6 +290,9 @@ class AttackTrainer(ClientTrainer):
     def batch_loss(self, model, x, y):
         return self.trainer.batch_loss(model, x, y)
 
+    def gradient_clipping(self, config):
+        return self.trainer.gradient_clipping(config)
+
     def before_step(self, model, config):
         return self.trainer.before_step(model, config)
 

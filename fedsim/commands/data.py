@@ -18,6 +18,7 @@ A download that breaks off resumes where it stopped when the same command runs a
 
 
 def _source(name: str):
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.data import DATASETS
     from fedsim.data.sources import source_for
 
@@ -27,6 +28,7 @@ def _source(name: str):
 
 
 def execute_download(args: argparse.Namespace) -> int:
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.data.download import download
     from fedsim.data.sources import data_root
 
@@ -43,6 +45,7 @@ def execute_download(args: argparse.Namespace) -> int:
 
 
 def execute_info(args: argparse.Namespace) -> int:
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.data import DATASETS
     from fedsim.data.sources import SOURCES, data_root
     from fedsim.registry import accepted_parameters, lookup

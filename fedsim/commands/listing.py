@@ -7,6 +7,7 @@ import sys
 
 
 def execute(args: argparse.Namespace) -> int:
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.attacks import ATTACK_PLUGINS, ATTACKS
     from fedsim.data import DATASETS
     from fedsim.data.features import FEATURE_EXTRACTORS
@@ -51,6 +52,7 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def _how_to_get(name: str) -> str:
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.data.sources import SOURCES
 
     source = SOURCES.get(name)

@@ -31,6 +31,7 @@ The partition is the one `fedsim run` trains on for the same experiment and seed
 
 def default_out(experiment) -> Path:
     """``runs/<name>-<fingerprint>-partition``, beside the run folder of the same experiment."""
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.run import default_out as run_folder
 
     folder = run_folder(experiment)
@@ -38,6 +39,7 @@ def default_out(experiment) -> Path:
 
 
 def execute(args: argparse.Namespace) -> int:
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.build import load_experiment
     from fedsim.environment import experiment_dataset
     from fedsim.splitting import describe_partition, split_dataset

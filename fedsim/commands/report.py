@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedsim.commands.run import make_folder
+from fedsim.errors import UserError
 
 EPILOG_REPORT = """\
 examples:
@@ -30,7 +31,7 @@ bars with std error bars).
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fedsim.errors import UserError
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.report import make_report
 
     if args.out is None and len(args.dirs) > 1:

@@ -41,6 +41,7 @@ def format_metric(value: float | None) -> str:
 
 
 def execute(args: argparse.Namespace) -> int:
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.build import load_experiment
     from fedsim.run import run_experiment
 
@@ -71,6 +72,7 @@ def execute(args: argparse.Namespace) -> int:
 
 def resumed_experiment(args: argparse.Namespace):
     """``--resume RUN_DIR``: the experiment in the run directory's config.toml, run there."""
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.build import load_experiment
 
     if args.config or args.set or args.out or args.overwrite:
@@ -88,6 +90,7 @@ def raise_strategy_failure(experiment, error: BaseException, *, verbose: bool = 
     """Raise a one-line UserError if ``error`` came from the user's own strategy code (a
     ``module:Class`` strategy whose ``configure_train`` raised, say); return otherwise.
     With ``verbose``, the traceback is printed first."""
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.build import strategy_failure
 
     failure = strategy_failure(experiment, error)

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from fedsim.commands.run import add_override_arguments
+from fedsim.commands.run import add_override_arguments, default_config
 
 EPILOG_SWEEP = """\
 examples:
@@ -46,7 +46,7 @@ sweep folder must then be on storage every machine shares). Runs with engine.nam
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fedsim.commands.run import default_config
+    # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.sweep import SweepInterrupted, make_spec, plan_sweep, run_sweep
 
     spec = make_spec(args.config or default_config(), args.grid, args.seeds, args.set)

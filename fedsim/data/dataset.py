@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from partitioners.base import ClientView
+from fedsim.data.cache import cache_key, cached_arrays
 
 SPLIT_SEED = 0  # the train/test split of a dataset never moves with the experiment seed
 
@@ -92,8 +91,6 @@ def stratified_split(
     keyed by the labels, so that a run on a dataset seen before does not import
     scikit-learn (a second or more) for it.
     """
-    from fedsim.data.cache import cache_key, cached_arrays
-
     strata = y if domain is None else y * (int(domain.max()) + 1) + domain
     key = cache_key(hashlib.sha256(np.ascontiguousarray(strata).tobytes()).hexdigest(), test_fraction, seed)
     split = cached_arrays(f"splits/{key}", lambda: _split_indices(strata, test_fraction, seed))
@@ -119,36 +116,6 @@ def client_view(dataset: Dataset, indices: np.ndarray, test_fraction: float, see
     x, y = dataset.x_train[indices], dataset.y_train[indices]
     domain = None if dataset.domain_train is None else dataset.domain_train[indices]
     return local_split(x, y, domain, test_fraction, seed)
-
-
-def view_samples(
-    dataset: Dataset,
-    view: ClientView,
-    label_maps: np.ndarray | None,
-    transform_specs: Sequence[str],
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The training samples a client view holds, as (x, y, domain): labels through each
-    sample's label map (real drift), images through each sample's transform (virtual
-    drift), drawn with ``seed`` (noise). A label map never touches an image, and a
-    transform never a label."""
-    from fedsim.data.transforms import parse_transform
-
-    x, y = dataset.x_train[view.indices], dataset.y_train[view.indices]
-    domain = None if dataset.domain_train is None else dataset.domain_train[view.indices]
-    if view.concepts is not None and label_maps is not None:
-        y = label_maps[view.concepts, y]
-    if view.transforms is not None:
-        for transform in np.unique(view.transforms):
-            spec = transform_specs[int(transform)]
-            if spec == "identity":
-                continue
-            members = np.flatnonzero(view.transforms == transform)
-            changed = parse_transform(spec)(x[members], seed=seed + int(transform))
-            if changed.shape[1:] != x.shape[1:]:
-                raise ValueError(f"transform {spec!r} changes the image shape; drift streams keep it")
-            x[members] = changed  # x is a copy: fancy indexing above
-    return x, y, domain
 
 
 def local_split(

@@ -36,7 +36,10 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
+from fedsim.data.cache import cache_key, cached_arrays
 from fedsim.data.dataset import Dataset
+from fedsim.models import MODELS, build_model
+from fedsim.registry import build
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Positive = Annotated[int, Field(ge=1)]
@@ -82,8 +85,6 @@ def pretrain_on_public_split(
     extractor both start from it."""
     import torch
 
-    from fedsim.models import build_model
-
     public = public_split(y, public_fraction, seed)
     rng = np.random.default_rng(seed)
     inputs, targets = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -128,8 +129,6 @@ def model_features(
     """``model``'s penultimate layer, trained centrally on a stratified ``public_fraction``
     of the training set (drawn with ``seed``, fixed across the experiment's seeds as a
     published encoder would be); those public samples are removed, so no client holds them."""
-    from fedsim.models import MODELS
-
     if model not in MODELS:
         raise ValueError(f"model = {model!r} is not a model (choose from: {', '.join(MODELS)})")
     net, public = pretrain_on_public_split(
@@ -151,8 +150,6 @@ def checkpoint_features(dataset: Dataset, *, path: str, model: str = "lenet") ->
     ``features`` alone) saved by ``torch.save`` (read with ``weights_only=True``) or as an
     ``.npz`` of arrays."""
     import torch
-
-    from fedsim.models import MODELS, build_model
 
     if model not in MODELS:
         raise ValueError(f"model = {model!r} is not a model (choose from: {', '.join(MODELS)})")
@@ -231,9 +228,6 @@ NO_FEATURES = "none"
 def with_features(dataset: Dataset, name: str, **options: Any) -> Dataset:
     """``dataset`` with its inputs replaced by the named extractor's features (cached on
     disk by the dataset's contents, the extractor and its options)."""
-    from fedsim.data.cache import cache_key, cached_arrays
-    from fedsim.registry import build
-
     if name == NO_FEATURES:
         return dataset
     extractor = FEATURE_EXTRACTORS[name]

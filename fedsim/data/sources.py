@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedsim.data.cache import cache_dir
 from fedsim.errors import UserError
+from fedsim.registry import did_you_mean
 
 Entry = str | tuple[str, ...]  # a required file or folder, or alternative names for it
 
@@ -337,8 +338,6 @@ SOURCES: dict[str, Source] = {
 def source_for(name: str) -> Source:
     """The Source of a dataset that reads local files, or a UserError naming those that do."""
     if name not in SOURCES:
-        from fedsim.registry import did_you_mean
-
         raise UserError(
             f"{name!r} has no files to download{did_you_mean(name, SOURCES)} "
             f"(datasets with files: {', '.join(SOURCES)}; the others are embedded and need none)"

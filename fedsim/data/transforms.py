@@ -24,12 +24,16 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 from pydantic import AfterValidator
 
 from fedsim.data.dataset import SPLIT_SEED, Dataset
+from fedsim.registry import did_you_mean
+
+if TYPE_CHECKING:  # only the type: partitioners build on fedsim.data, not the other way
+    from partitioners.base import ClientView
 
 Step = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
@@ -124,8 +128,6 @@ class InputTransform:
 
 def parse_transform(spec: str) -> InputTransform:
     """Parse a spec such as ``"rotate-30+noise-0.1"``; a ValueError says what is wrong."""
-    from fedsim.registry import did_you_mean
-
     steps = []
     for part in str(spec).strip().split("+"):
         name, dash, number_text = part.strip().partition("-")
@@ -210,3 +212,31 @@ def _deal(y: np.ndarray, shares: int, seed: int) -> np.ndarray:
         domain[members] = (np.arange(len(members)) + offset) % shares
         offset += len(members)  # rotate the start so small classes do not all favour domain 0
     return domain
+
+
+def view_samples(
+    dataset: Dataset,
+    view: ClientView,
+    label_maps: np.ndarray | None,
+    transform_specs: Sequence[str],
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The training samples a client view holds, as (x, y, domain): labels through each
+    sample's label map (real drift), images through each sample's transform (virtual
+    drift), drawn with ``seed`` (noise). A label map never touches an image, and a
+    transform never a label."""
+    x, y = dataset.x_train[view.indices], dataset.y_train[view.indices]
+    domain = None if dataset.domain_train is None else dataset.domain_train[view.indices]
+    if view.concepts is not None and label_maps is not None:
+        y = label_maps[view.concepts, y]
+    if view.transforms is not None:
+        for transform in np.unique(view.transforms):
+            spec = transform_specs[int(transform)]
+            if spec == "identity":
+                continue
+            members = np.flatnonzero(view.transforms == transform)
+            changed = parse_transform(spec)(x[members], seed=seed + int(transform))
+            if changed.shape[1:] != x.shape[1:]:
+                raise ValueError(f"transform {spec!r} changes the image shape; drift streams keep it")
+            x[members] = changed  # x is a copy: fancy indexing above
+    return x, y, domain

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from fedsim.engine.base import ServerMain
 from fedsim.engine.inprocess import Device
+from fedsim.engine.ray import quiet_ray_environment
 from fedsim.environment import RunEnvironment
 from partitioners import Partition
 
@@ -58,8 +59,6 @@ class FlowerEngine:
         self, server_main: ServerMain, client_app: ClientApp, env: RunEnvironment, partition: Partition
     ) -> None:
         from flwr.simulation import run_simulation
-
-        from fedsim.engine.ray import quiet_ray_environment
 
         quiet_ray_environment()
         server_app = ServerApp()

@@ -40,6 +40,7 @@ from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
 from fedsim.errors import ClientFailure, UserError
 from fedsim.notices import warn
+from fedsim.worker import settle_garbage_collector, worker_for
 from partitioners import Partition
 
 
@@ -237,8 +238,6 @@ class WorkerActor:
 
     def ready(self) -> int:
         """Load the worker (dataset, partition, model) before the first round; the pid."""
-        from fedsim.worker import settle_garbage_collector, worker_for
-
         worker_for(self.env)
         settle_garbage_collector()
         return os.getpid()

@@ -21,6 +21,8 @@ from typing import Any
 
 from fedsim import atomic
 from fedsim.errors import UserError
+from fedsim.flower_log import quiet_flower
+from fedsim.notices import run_label
 from fedsim.sweep.plan import ERROR_FILE, RunOutcome, RunTask
 
 GRACE_S = 5.0  # how long a stopping worker may take to leave its run resumable before it is killed
@@ -98,8 +100,7 @@ def remove_temporary_files(folder: Path) -> None:
 def execute_run(task: RunTask) -> RunOutcome:
     """Run one run in a worker; any error becomes a failed outcome, with its traceback in
     the run directory's error.txt, and an interruption an "interrupted" one."""
-    from fedsim.flower_log import quiet_flower
-    from fedsim.notices import run_label
+    # lazy: only the worker processes run experiments; the sweep's own process starts without torch
     from fedsim.run import run_experiment
 
     started = time.monotonic()

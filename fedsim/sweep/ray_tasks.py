@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+from fedsim.engine.ray import connect
 from fedsim.sweep.plan import RunOutcome, RunTask
 from fedsim.sweep.processes import GRACE_S, StopSignals, execute_run, one_line, unfinished_is_failed
 
@@ -22,8 +23,6 @@ def run_on_ray(
     storage every machine can write. A stopped sweep cancels its tasks (KeyboardInterrupt
     in each) and returns the runs they were running."""
     import ray
-
-    from fedsim.engine.ray import connect
 
     started_here = connect(address, where="--address")
     stop.install()  # ray.init installs a SIGTERM handler of its own

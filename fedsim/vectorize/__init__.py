@@ -1,4 +1,4 @@
-"""Vectorised clients: K clients' local training at once on one device (issue 16).
+"""Vectorised clients: K clients' local training at once on one device.
 
 The K clients' parameters and buffers are stacked along a new leading dimension, and
 every step runs every client's forward and backward on its own minibatch, in one of two
@@ -22,9 +22,9 @@ would take alone (up to floating-point rounding: the tests pin 1e-5):
   default (betas 0.9, 0.999, eps 1e-8, L2 weight decay added to the gradient, no
   amsgrad), with per-client step counts;
 * FedProx adds (mu / 2) * ||w - w_start||^2 with each client's own start and mu;
-* FedWon (:class:`strategies.fedwon.FedWonTrainer`) clips each client's gradients with
-  adaptive gradient clipping, unit-wise, on every parameter but the classifier's
-  (:func:`strategies.fedwon.classifier`), before the optimiser step;
+* a trainer's declared gradient clipping (``gradient_clipping``, FedWon's adaptive
+  clipping, :mod:`fedsim.clipping`) clips each client's gradients unit-wise, on every
+  parameter but the classifier's, before the optimiser step;
 * BatchNorm in train mode updates each client's own running statistics: the buffers
   are passed to ``functional_call`` as fresh per-client copies that BatchNorm updates in
   place, and come back as the auxiliary output of ``grad_and_value``.

@@ -17,17 +17,18 @@ from fedsim.vectorize.layers import Unsupported
 from fedsim.vectorize.plan import plan_for
 from fedsim.vectorize.stacked_step import run_stacked
 from fedsim.vectorize.vmap_step import run_vmap
-from strategies.fedwon import AGC_LAMBDA, FedWonTrainer, classifier
 
 # The methods of ClientTrainer that shape local training, and the classes whose versions
 # of them this package reproduces. A trainer whose class (or instance) takes any of them
 # from elsewhere is not vectorisable. ``train`` is here because a caller that replaces
 # ``trainer.train`` by :func:`train_clients` would skip an override of it; ``receive``
 # and ``send`` are not, as :func:`train_clients` calls the trainer's own.
+# A trainer's declared gradient clipping (``gradient_clipping``: FedWon's adaptive
+# clipping) is reproduced whatever class declares it.
 KNOWN_METHODS: dict[str, tuple[type, ...]] = {
-    "fit": (ClientTrainer, FedWonTrainer),  # FedWon's fit only adds the agc-lambda metric
+    "fit": (ClientTrainer,),
     "batch_loss": (ClientTrainer,),
-    "before_step": (ClientTrainer, FedWonTrainer),  # FedWon's: adaptive gradient clipping
+    "before_step": (ClientTrainer,),
     "make_optimizer": (ClientTrainer,),
     "train": (ClientTrainer,),
 }
@@ -36,10 +37,10 @@ KNOWN_METHODS: dict[str, tuple[type, ...]] = {
 def vectorizable(trainer: ClientTrainer) -> tuple[bool, str]:
     """Whether :func:`fit_clients` trains the clients of ``trainer`` exactly as its own
     ``fit`` would, and if not, why. Decided by which class each method that shapes local
-    training comes from (:data:`KNOWN_METHODS`): ClientTrainer (FedAvg, FedProx),
-    FedWonTrainer and FedBNTrainer (which overrides only receive and send) are; a class
-    that overrides ``fit``, ``batch_loss``, ``before_step``, ``make_optimizer`` or
-    ``train`` with code of its own is not."""
+    training comes from (:data:`KNOWN_METHODS`): ClientTrainer's (FedAvg, FedProx; FedWon,
+    which only declares its gradient clipping; FedBN, which overrides only receive and
+    send) are; a class that overrides ``fit``, ``batch_loss``, ``before_step``,
+    ``make_optimizer`` or ``train`` with code of its own is not."""
     cls = type(trainer)
     if not isinstance(trainer, ClientTrainer):
         return False, f"{cls.__name__} is not a ClientTrainer"
@@ -187,8 +188,9 @@ def fit_clients(
     if len(kinds) > 1:
         raise ValueError("vectorised clients must all use the same optimizer (sgd or adam)")
     optimizer = kinds.pop()
-    fedwon = isinstance(trainer, FedWonTrainer)
-    clip_lambdas = [trainer.clip_lambda(config) for config in configs] if fedwon else None
+    clippings = [trainer.gradient_clipping(config) for config in configs]
+    clipping = clippings[0]  # one trainer: every client's is of the same kind
+    clip_lambdas = [c.threshold for c in clippings] if clipping is not None else None
     device = torch.device(device)
     model.train()
     has_bn, has_bn1d = _check_model(model, configs)
@@ -197,9 +199,11 @@ def fit_clients(
     trainable, frozen, buffer_names, alias = _aliases(model)
     params = _stack_states(model, states, trainable, alias, device)
     others = _stack_states(model, states, frozen + buffer_names, alias, device)
-    head = {id(parameter) for parameter in classifier(model).parameters()}
-    named = dict(model.named_parameters())
-    clipped = [name for name in trainable if id(named[name]) not in head] if fedwon else None
+    clipped = None
+    if clipping is not None:
+        kept = {id(parameter) for parameter in clipping.clipped(model)}
+        named = dict(model.named_parameters())
+        clipped = [name for name in trainable if id(named[name]) in kept]
 
     xs = [torch.as_tensor(client.x_train) for client in data]
     ys = [torch.as_tensor(client.y_train) for client in data]
@@ -239,8 +243,8 @@ def fit_clients(
     for client in range(count):
         state = {key: stacked[alias[key]][client].clone() for key in keys}
         metrics = {"train_loss": total[client] / max(seen[client], 1)}
-        if fedwon:
-            metrics[AGC_LAMBDA] = clip_lambdas[client]
+        if clipping is not None and clipping.metric is not None:
+            metrics[clipping.metric] = clip_lambdas[client]
         results.append(ClientFit(state, metrics))
     return results
 

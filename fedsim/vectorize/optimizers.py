@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies.fedwon import AGC_EPS, agc_scale
+from fedsim.clipping import AGC_EPS, agc_scale
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which ClientTrainer.make_optimizer keeps
 ADAM_EPS = 1e-8
@@ -33,7 +33,7 @@ def _times(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Ten
 
 
 def clip_stacked(trainable, clipped, leaves, grads, clip_lambda: torch.Tensor) -> list[torch.Tensor]:
-    """strategies.fedwon.adaptive_clip_, per client, on the stacked gradients."""
+    """fedsim.clipping.adaptive_clip_, per client, on the stacked gradients."""
     chosen = set(clipped)
     out = []
     for name, param, grad in zip(trainable, leaves, grads, strict=True):
@@ -135,7 +135,7 @@ def adam_step(leaves, grads, slots, trainable, step: int, lr, weight_decay, lr64
 
 
 def client_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """strategies.fedwon.unitwise_norm of each client's slice of a (K, ...) stack, kept
+    """fedsim.clipping.unitwise_norm of each client's slice of a (K, ...) stack, kept
     broadcastable against the stack."""
     if tensor.ndim <= 2:  # a scalar or a vector per client: one unit
         norm = torch.linalg.vector_norm(tensor.reshape(tensor.shape[0], -1), dim=1)

@@ -1,4 +1,4 @@
-"""Stacked layers: K clients' forward pass as one plain-autograd computation (issue 16).
+"""Stacked layers: K clients' forward pass as one plain-autograd computation.
 
 :func:`fedsim.vectorize.fit_clients` trains K clients at once. Its generic path vmaps
 ``functional_call`` over the clients, which works for any model but is slow on the CPU:

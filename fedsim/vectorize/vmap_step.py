@@ -9,10 +9,10 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 from torch.nn import functional as F
 
+from fedsim.clipping import AGC_EPS, agc_scale, unitwise_norm
 from fedsim.vectorize.batches import Records, StackedClients, groups_at, padded_rows, scatter_clients, select_clients
 from fedsim.vectorize.layers import call, module_paths
 from fedsim.vectorize.optimizers import ADAM_BETAS, ADAM_EPS
-from strategies.fedwon import AGC_EPS, agc_scale, unitwise_norm
 
 
 class ClientStep:
@@ -50,7 +50,7 @@ class ClientStep:
         return loss, others
 
     def clip(self, params, grads, clip_lambda):
-        """strategies.fedwon.adaptive_clip_, on one client's gradients."""
+        """fedsim.clipping.adaptive_clip_, on one client's gradients."""
         clipped = dict(grads)
         for name in self.clipped or ():
             max_norm = clip_lambda * unitwise_norm(params[name]).clamp_min(AGC_EPS)
