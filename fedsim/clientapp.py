@@ -27,14 +27,22 @@ from fedsim.environment import RunEnvironment
 from fedsim.faults import FAULT_KEY, act_out
 from fedsim.multimodel import PREFIX
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
-from fedsim.trainer import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, ClientTrainer, RoundConfig, TrainResult
+from fedsim.trainer import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DOMAIN_CORRECT,
+    DOMAIN_COUNT,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    ClientTrainer,
+    RoundConfig,
+    TrainResult,
+)
 from fedsim.training import classification_metrics
 from fedsim.vectorize import train_clients
 from fedsim.worker import Worker, worker_for
 
 STATISTICS_KEY = "statistics"  # a query's answer as arrays
-DOMAIN_CORRECT = "domain-correct"
-DOMAIN_COUNT = "domain-count"
 
 
 def evaluation_metrics(logits: torch.Tensor, data: ClientData, num_domains: int) -> dict:

@@ -100,6 +100,12 @@ class StrategyTable(ComponentTable):
         return self
 
 
+class ObserverTable(ComponentTable):
+    """A user's round observer (:mod:`fedsim.observers`), an ``[[observer]]`` table: ``name``
+    is ``"package.module:Class"`` or an entry point of the group ``fedsim.observers``; the
+    other keys are its constructor's keyword arguments."""
+
+
 class EngineTable(ComponentTable):
     name: Literal["inprocess", "ray", "flower"] = "inprocess"
 
@@ -230,6 +236,7 @@ class Experiment(_Table):
     faults: FaultsTable = FaultsTable()
     guards: GuardsTable = GuardsTable()
     attack: list[AttackTable] = []  # [[attack]] tables: the attackers (fedsim.attacks)
+    observer: list[ObserverTable] = []  # [[observer]] tables: the user's round observers (fedsim.observers)
 
     @model_validator(mode="after")
     def _hangs_need_a_timeout(self) -> Experiment:
@@ -247,8 +254,9 @@ class Experiment(_Table):
         data = _drop_none(self.model_dump(mode="json"))
         if data.get("features") == {"name": "none"}:
             del data["features"]
-        if not data.get("attack"):  # as features: experiments without attackers keep their fingerprints
-            data.pop("attack", None)
+        for tables in ("attack", "observer"):  # as features: experiments without them keep their fingerprints
+            if not data.get(tables):
+                data.pop(tables, None)
         return data
 
     def to_toml(self) -> str:
@@ -331,13 +339,14 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
                 hint = did_you_mean(key, fields) or f" (valid keys: {', '.join(fields)})"
                 raise UserError(f"{source}: [{table}] unknown key {key!r}{hint}")
     _check_attack_tables(data.get(ATTACK_TABLES, []), source)
+    _check_observer_tables(data.get(OBSERVER_TABLES, []), source)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as error:
         loc, value, message = first_error_line(error)
-        if loc and loc[0] == ATTACK_TABLES and len(loc) > 1:  # [[attack]] number n (1-based, as in the file)
+        if loc and loc[0] in ARRAY_TABLES and len(loc) > 1:  # [[attack]] number n (1-based, as in the file)
             where = ".".join(map(str, loc[2:]))
-            table = f"[[attack]] #{int(loc[1]) + 1}"
+            table = f"[[{loc[0]}]] #{int(loc[1]) + 1}"
             if error.errors()[0]["type"] == "missing":
                 raise UserError(f"{source}: {table} is missing the required key {where!r}") from None
             if not where:
@@ -355,6 +364,14 @@ def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experi
 
 
 ATTACK_TABLES = "attack"
+OBSERVER_TABLES = "observer"
+ARRAY_TABLES = (ATTACK_TABLES, OBSERVER_TABLES)  # written [[name]], one table per entry
+
+
+def _check_observer_tables(tables: Any, source: str) -> None:
+    """``[[observer]]`` is an array of tables, each with a ``name``."""
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise UserError(f"{source}: 'observer' must be written as [[observer]] tables, one per observer")
 
 
 def _check_attack_tables(tables: Any, source: str) -> None:

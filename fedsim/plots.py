@@ -59,7 +59,7 @@ def plot_training(metrics: pd.DataFrame, path: Path, title: str, slot_starts: li
 
 def plot_attacks(metrics: pd.DataFrame, path: Path, title: str, windows: dict[str, tuple[int, int] | None]) -> None:
     """Each attacker's success rate and the clean accuracy against round, with each
-    attacker's window shaded (:mod:`fedsim.attacks.metrics`)."""
+    attacker's window shaded (:mod:`fedsim.observers.attacks`)."""
     figure, axis = plt.subplots(figsize=(7, 3.8))
     rows = metrics[metrics.scope == "attacker"]
     shaded = set()

@@ -77,7 +77,9 @@ def load_reference(reference: str, kind: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         names = [n for n in vars(module) if not n.startswith("_")]
-        raise UserError(f"module {module_name!r} has no {attribute!r}{did_you_mean(attribute, names)}") from None
+        raise UserError(
+            f"module {module_name!r} has no {attribute!r}{did_you_mean(attribute, names)} for {kind} {reference!r}"
+        ) from None
 
 
 def first_line(error: BaseException) -> str:
@@ -134,9 +136,10 @@ def resolve_class(
         plugins = plugin_table(plugin_group)
         if name not in plugins:
             known = sorted({*built_in, *plugins})
+            choices = f"choose from: {', '.join(known)}, or give" if known else "give"
             raise UserError(
                 f"{where} = {name!r} is not a known {what}{did_you_mean(name, known)} "
-                f"(choose from: {', '.join(known)}, or give 'package.module:ClassName')"
+                f"({choices} 'package.module:ClassName')"
             )
         cls = plugins[name].load()
     if not (inspect.isclass(cls) and issubclass(cls, base)):

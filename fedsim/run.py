@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import flwr
-import numpy as np
 import torch
 
 import fedsim
-from fedsim.build import check_attacks_fit_data, check_model, make_engine, make_strategy
+from fedsim.build import check_attacks_fit_data, check_model, make_engine, make_observers, make_strategy
 from fedsim.checkpoint import Checkpoint
 from fedsim.clientapp import make_client_app
 from fedsim.config import Experiment
 from fedsim.environment import RunEnvironment, experiment_dataset
 from fedsim.errors import UserError
 from fedsim.flower_log import quiet_flower
+from fedsim.lookups import strategy_trainer
+from fedsim.observers import run_observers
 from fedsim.progress import round_reporter
 from fedsim.results import RunDirectory
 from fedsim.serverapp import Federation
@@ -105,7 +106,7 @@ def load_partition(run: RunDirectory) -> Partition:
 def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
     """After the last round: summary.json and the training plot."""
     # lazy: matplotlib takes a second to import, paid only when a plot is drawn
-    from fedsim.plots import plot_attacks, plot_training
+    from fedsim.plots import plot_training
 
     summary = make_summary(experiment, federation, prepared.partition, federation.elapsed())
     run = prepared.run
@@ -114,9 +115,6 @@ def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federa
     title = f"{experiment.name}: {experiment.strategy.name}"
     metrics = run.read_metrics()
     plot_training(metrics, run.plots / "accuracy.png", title, slot_starts=starts)
-    if federation.attacks is not None:
-        windows = {attacker.name: attacker.window for attacker in federation.attacks.plan.attackers}
-        plot_attacks(metrics, run.plots / "attack.png", title, windows)
     run.write_summary(summary)
     return RunResult(run.path, summary, prepared.status)
 
@@ -147,40 +145,39 @@ def run_experiment(
 
 
 def new_federation(env: RunEnvironment, prepared: PreparedRun, on_round) -> Federation:
-    """The ServerApp main of a prepared run; the experiment's strategy is built when the
-    run starts."""
-    num_clients = prepared.partition.num_clients
+    """The ServerApp main of a prepared run, with the run's observers (the user's from its
+    ``[[observer]]`` tables among them) and ``on_round`` as its round callback; the
+    experiment's strategy is built when the run starts."""
+    experiment, partition = env.experiment, prepared.partition
+    observers = run_observers(
+        experiment,
+        env.dataset(),
+        partition,
+        prepared.run,
+        strategy_trainer(experiment),
+        on_round,
+        make_observers(experiment),
+    )
     return Federation(
         env,
         prepared.run,
-        prepared.partition,
-        lambda: make_strategy(env.experiment, num_clients, env=env),
+        partition,
+        lambda: make_strategy(experiment, partition.num_clients, env=env),
+        observers,
         prepared.checkpoint,
-        on_round,
         prepared.started,
     )
 
 
 def make_summary(experiment: Experiment, federation: Federation, partition: Partition, wall_time_s: float) -> dict:
-    accuracy = _across_clients(federation.client_latest["accuracy"])
-    loss = _across_clients(federation.client_latest["loss"])
     summary = {
         "name": experiment.name,
         "fingerprint": experiment.fingerprint(),
         "accuracy": federation.final.get("accuracy"),
         "accuracy_evaluated_on": federation.evaluated_on,
         "loss": federation.final.get("loss"),
-        "client_accuracy_mean": float(np.mean(accuracy)) if accuracy else None,
-        # Borazjani et al.'s heterogeneity measure: the model's loss on each client's data
-        "client_loss_mean": float(np.mean(loss)) if loss else None,
-        "client_loss_std": float(np.std(loss)) if loss else None,
-        "accuracy_by_domain": federation.accuracy_by_domain or None,
-        # what the rounds set aside (fedsim.faults): dropped, raised, timed_out, worker_died, nonfinite, ...
-        "faults": dict(sorted(federation.faults.items())),
-        # a drift stream's figures (fedsim.stream_metrics): by slot, by concept, drift detection
-        **(federation.stream.summary() if federation.stream is not None else {}),
-        # the attackers' success and a defence's detection (fedsim.attacks.metrics)
-        **(federation.attacks.summary() if federation.attacks is not None else {}),
+        # the observers': the clients' figures, faults, a drift stream's, the attackers'
+        **federation.summary(),
         "rounds_completed": experiment.rounds,
         "seed": experiment.seed,
         "engine": experiment.engine.name,
@@ -198,12 +195,6 @@ def make_summary(experiment: Experiment, federation: Federation, partition: Part
         },
     }
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-
-
-def _across_clients(latest: dict[int, float]) -> list[float]:
-    """The clients' latest values, in client order so that a resumed run sums exactly as
-    an uninterrupted one; clients that reported none are left out."""
-    return [latest[client] for client in sorted(latest) if not math.isnan(latest[client])]
 
 
 @contextmanager

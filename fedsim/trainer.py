@@ -32,6 +32,9 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES = "num-examples"
+# an evaluate reply's correct predictions and samples per domain, for accuracy by domain
+DOMAIN_CORRECT = "domain-correct"
+DOMAIN_COUNT = "domain-count"
 # a query reply's drift verdict (FedDAA's detection), which the stream metrics score
 DRIFT_FROM_SLOT = "drift-from-slot"
 REAL_DRIFT = "real-drift"

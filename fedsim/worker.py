@@ -18,7 +18,7 @@ import gc
 
 from torch import nn
 
-from fedsim.attacks.plan import AttackPlan
+from fedsim.attack_plan import AttackPlan
 from fedsim.data import ClientData, Dataset
 from fedsim.data.dataset import local_split
 from fedsim.data.transforms import view_samples
@@ -83,7 +83,7 @@ class Worker:
 
     def trainer_for(self, client: int) -> ClientTrainer:
         """What ``client`` runs: the strategy's trainer, or, for a client an ``[[attack]]``
-        controls, the attack wrapped around it (:mod:`fedsim.attacks.plan`)."""
+        controls, the attack wrapped around it (:mod:`fedsim.attack_plan`)."""
         return self.attacks.trainer_for(client, self.trainer)
 
     def client_data(self, client: int, server_round: int) -> ClientData:

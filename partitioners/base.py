@@ -93,6 +93,12 @@ class Partition:
     label_maps: np.ndarray | None = None  # (concepts, classes): concept c maps label y to label_maps[c, y]
     transform_specs: tuple[str, ...] = ("identity",)  # fedsim.data.transforms specs, by transform id
 
+    @property
+    def is_stream(self) -> bool:
+        """Whether what clients hold changes over time or by concept: several slots, or
+        label maps (a drift stream)."""
+        return self.num_slots > 1 or self.label_maps is not None
+
     def slot_of(self, server_round: int) -> int:
         """The time slot a server round (from 1) falls in."""
         return 0

@@ -10,14 +10,14 @@ import sys
 import numpy as np
 import pytest
 
+from fedsim.attack_plan import AttackPlan
 from fedsim.attacks.base import STATE_PREFIX
-from fedsim.attacks.metrics import BENIGN, AttackMetrics
 from fedsim.attacks.mirage import PATTERN
-from fedsim.attacks.plan import AttackPlan
 from fedsim.attacks.triggers import Trigger
 from fedsim.build import check_attacks_fit_data, validate_experiment
 from fedsim.data import Dataset
 from fedsim.errors import UserError
+from fedsim.observers.attacks import BENIGN, AttackMetrics
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
 from fedsim.state import ClientStateStore

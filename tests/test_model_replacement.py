@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from fedsim.attacks.base import ROUND_EXAMPLES
 from fedsim.attacks.model_replacement import ModelReplacement
-from fedsim.attacks.plan import ROUND_EXAMPLES
 from fedsim.data import ClientData, load_dataset
 from fedsim.models import build_model
 from fedsim.run import run_experiment

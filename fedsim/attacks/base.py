@@ -55,6 +55,7 @@ from fedsim.trainer import ClientState, ClientTrainer, QueryResult, RoundConfig,
 
 STATE_PREFIX = "attack:"  # client-state keys that belong to the attack, never to the wrapped trainer
 POISONED = "poisoned"  # attack-state key: how many samples the attacker poisoned in its last round
+ROUND_EXAMPLES = "round-examples"  # config key: the training examples of every client sampled in the round
 
 
 @dataclass

@@ -18,8 +18,7 @@ from typing import Literal
 import torch
 from flwr.app import ArrayRecord
 
-from fedsim.attacks.base import AttackRound, AttackTrainer, float_entries, replace_entries
-from fedsim.attacks.plan import ROUND_EXAMPLES
+from fedsim.attacks.base import ROUND_EXAMPLES, AttackRound, AttackTrainer, float_entries, replace_entries
 from fedsim.attacks.triggers import Trigger
 from fedsim.trainer import ClientTrainer
 

@@ -34,11 +34,12 @@ import pandas as pd
 import torch
 from flwr.app import ArrayRecord
 
+from fedsim.attack_plan import Attacker, AttackPlan, tell_attackers
 from fedsim.attacks.base import AttackTrainer
-from fedsim.attacks.plan import Attacker, AttackPlan
 from fedsim.attacks.triggers import Trigger
 from fedsim.data import Dataset
-from fedsim.results import MetricRow
+from fedsim.observers.base import Observer
+from fedsim.results import GLOBAL_TEST, MetricRow
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
 
@@ -49,8 +50,10 @@ BENIGN = "benign"  # id of the benign clients' detection counts
 Evaluate = Callable[..., dict[str, float]]  # (arrays[, x, y]) -> classification metrics
 
 
-class AttackMetrics:
-    """Per-attacker success rates and detection counts over one run."""
+class AttackMetrics(Observer):
+    """Per-attacker success rates and detection counts over one run; it also tells each
+    attacker what the round tells it (the training examples of the round's clients, which
+    model replacement's exact boosting factor needs)."""
 
     def __init__(self, plan: AttackPlan, dataset: Dataset, states: ClientStateStore, trainer: ClientTrainer) -> None:
         self.plan = plan
@@ -134,10 +137,44 @@ class AttackMetrics:
                 rows.append(MetricRow(server_round, SCOPE, ident, key, float(value)))
         return rows
 
+    # -- the round loop's hooks ---------------------------------------------------------------
+    @staticmethod
+    def clean(context, final: dict[str, float]) -> dict[str, float] | None:
+        """The clean accuracy the loop measured (the global model's), if it did."""
+        return final if context.evaluated_on == GLOBAL_TEST else None
+
+    def on_start(self, context, arrays, final):  # the backdoors' chance level
+        return self.evaluation_rows(0, arrays, context.evaluate_global, self.clean(context, final))
+
+    def on_train_messages(self, context, server_round, messages):
+        return tell_attackers(
+            self.plan, messages, context.clients, lambda client: context.train_size(client, server_round)
+        )
+
+    def on_train_aggregated(self, context, server_round, strategy, replies, metrics):
+        # a filtering defence's verdict; a rule that keeps every reply gives none
+        accepted = getattr(strategy, "last_accepted", None) if getattr(strategy, "filters", True) else None
+        return self.detection_rows(
+            server_round,
+            [context.clients[reply.metadata.src_node_id] for reply in replies],
+            None if accepted is None else [context.clients[node] for node in accepted],
+        )
+
+    def on_evaluated(self, context, server_round, arrays, on_clients, final):
+        return self.evaluation_rows(server_round, arrays, context.evaluate_global, self.clean(context, final))
+
+    def on_run_end(self, context, metrics):
+        # lazy: matplotlib takes a second to import, paid only when a plot is drawn
+        from fedsim.plots import plot_attacks
+
+        windows = {attacker.name: attacker.window for attacker in self.plan.attackers}
+        title = f"{context.experiment.name}: {context.experiment.strategy.name}"
+        plot_attacks(metrics, context.run.plots / "attack.png", title, windows)
+
     # -- resume and summary -------------------------------------------------------------
-    def restore(self, frame: pd.DataFrame) -> None:
+    def restore(self, context, metrics: pd.DataFrame) -> None:
         """The running figures of a resumed run, from its metrics.csv."""
-        rows = frame[frame.scope == SCOPE]
+        rows = metrics[metrics.scope == SCOPE]
         for attacker in self.plan.attackers:
             asr = rows[(rows.id == attacker.name) & (rows.metric == "asr")]
             if len(asr):

@@ -3,7 +3,7 @@
 Each table is one attacker: a method, a target label, a trigger, a poison fraction, a
 window and the clients it controls (ids, or a ``count`` drawn with the experiment's seed
 from the clients no table names). Attackers are disjoint and do not collude; tables that
-share a ``group`` do (they must agree on method, target and trigger), and a method that
+share a ``group`` do (they must agree on method, target, trigger and options), and a method that
 splits its trigger (DBA: it takes ``part`` and ``parts``) gives each of the group's
 clients, in table then id order, its own part.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.attacks.base import AttackTrainer
+from fedsim.attacks.base import ROUND_EXAMPLES, AttackTrainer
 from fedsim.attacks.triggers import Trigger
 from fedsim.errors import UserError
 from fedsim.lookups import attack_class
@@ -144,9 +144,6 @@ class AttackPlan:
         if splits_trigger(cls):
             kwargs["part"], kwargs["parts"] = self.parts.get(client, (0, 1))
         return cls(trainer, **kwargs)
-
-
-ROUND_EXAMPLES = "round-examples"  # config key: the training examples of every client sampled in the round
 
 
 def tell_attackers(plan: AttackPlan, messages: list, clients: dict[int, int], train_size) -> list:

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord
 from fedsim import multimodel
 from fedsim.data import Dataset
 from fedsim.data.transforms import parse_transform
+from fedsim.observers.base import Observer
 from fedsim.results import MetricRow
 from fedsim.trainer import DRIFT_FROM_SLOT, NUM_EXAMPLES, REAL_DRIFT
 from partitioners import Partition
@@ -35,11 +36,7 @@ from partitioners import Partition
 COUNTS = ("tp", "fp", "fn", "tn")
 
 
-def is_stream(partition: Partition) -> bool:
-    return partition.num_slots > 1 or partition.label_maps is not None
-
-
-class StreamMetrics:
+class StreamMetrics(Observer):
     """Per-slot and per-concept accuracy, and drift-detection scores, over one run."""
 
     def __init__(self, partition: Partition, rounds: int, evaluate_every: int) -> None:
@@ -131,8 +128,22 @@ class StreamMetrics:
             rows.append(MetricRow(server_round, "test_set", f"{concept}/{transform}", metric, accuracy))
         return rows
 
-    def restore(self, frame: pd.DataFrame) -> None:
+    # -- the round loop's hooks ---------------------------------------------------------------
+    def on_query_replies(self, context, server_round, replies, faults):
+        return self.detection_rows(server_round, context.by_client(replies))
+
+    def on_train_replies(self, context, server_round, replies, faults):
+        return self.detection_rows(server_round, context.by_client(replies))
+
+    def on_evaluate_replies(self, context, server_round, replies, faults, arrays):
+        rows = self.evaluation_rows(server_round, context.by_client(replies))
+        if self.last_evaluated_round(self.partition.slot_of(server_round)) == server_round:
+            rows += self.test_set_rows(server_round, arrays, context.dataset, context.evaluate_global)
+        return rows
+
+    def restore(self, context, metrics: pd.DataFrame) -> None:
         """The running figures of a resumed run, from its metrics.csv."""
+        frame = metrics
         concept = frame[(frame.scope == "concept") & (frame.metric == "accuracy")]
         if len(concept):
             last = concept[concept["round"] == concept["round"].max()]
