@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord
 import fedsim
 from fedsim import atomic
 from fedsim.errors import UserError
+from fedsim.protocols import Stateful
 
 FORMAT = 1
 META = "__meta__"
@@ -53,22 +54,21 @@ class Checkpoint:
 
 
 def strategy_state(strategy: Any) -> dict[str, Any] | None:
-    """The strategy's ``state_dict()``, or None for a stateless strategy."""
-    state_dict = getattr(strategy, "state_dict", None)
-    return dict(state_dict()) if callable(state_dict) else None
+    """The strategy's ``state_dict()``, or None for a stateless strategy
+    (:class:`fedsim.protocols.Stateful`: one with ``state_dict`` and ``load_state_dict``)."""
+    return dict(strategy.state_dict()) if isinstance(strategy, Stateful) else None
 
 
 def restore_strategy(strategy: Any, state: dict[str, Any] | None, source: str) -> None:
     """Give a freshly built strategy its saved state."""
     if state is None:
         return
-    load_state_dict = getattr(strategy, "load_state_dict", None)
-    if not callable(load_state_dict):
+    if not isinstance(strategy, Stateful):
         raise UserError(
             f"{source} holds state for strategy {type(strategy).__name__}, which has no load_state_dict(); "
             "resume it with the strategy that wrote it, or --overwrite to start over"
         )
-    load_state_dict(state)
+    strategy.load_state_dict(state)
 
 
 def save(path: str | Path, checkpoint: Checkpoint) -> None:

@@ -34,6 +34,7 @@ from fedsim.trainer import (
     DOMAIN_COUNT,
     METRICS_KEY,
     NUM_EXAMPLES,
+    ClientCall,
     ClientTrainer,
     RoundConfig,
     TrainResult,
@@ -89,7 +90,7 @@ def reply_arrays(arrays) -> dict:
 
 
 @dataclass
-class TrainCall:
+class TrainRequest:
     """One client's train message, read: who, its round config, data, trainer and state."""
 
     message: Message
@@ -102,6 +103,14 @@ class TrainCall:
     trainer: ClientTrainer
     received: ArrayRecord | dict[str, ArrayRecord]
     state: dict
+
+    def client_call(self) -> ClientCall:
+        """The trainer's call: the worker's model, what the client received, its data,
+        config and state, the round's generator and the worker's device."""
+        generator = torch_generator(self.seed)
+        return ClientCall(
+            self.worker.model(), self.received, self.data, self.config, self.state, generator, self.worker.device
+        )
 
     def reply(self, result: TrainResult) -> Message:
         """Save the client's new state; the reply, with any fault acted out on its arrays."""
@@ -127,7 +136,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     app = ClientApp()
     environment_for = env if callable(env) else (lambda _context: env)
 
-    def prepare_train(message: Message, context: Context) -> TrainCall:
+    def prepare_train(message: Message, context: Context) -> TrainRequest:
         worker = worker_for(environment_for(context))
         client = client_id(context)
         config = RoundConfig.from_config(
@@ -135,7 +144,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         )
         seed = derive_seed(worker.env.experiment.seed, "train", config.server_round, client)
         trainer = worker.trainer_for(client)
-        return TrainCall(
+        return TrainRequest(
             message=message,
             worker=worker,
             client=client,
@@ -152,13 +161,11 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
     def train(message: Message, context: Context) -> Message:
         return train_alone(prepare_train(message, context))
 
-    def train_alone(call: TrainCall) -> Message:
+    def train_alone(call: TrainRequest) -> Message:
         act_out(call.fault, call.config.extra, None, None)
         worker = call.worker
         seed_torch_globally(call.seed, worker.device)  # dropout and any other global-RNG draw in the model
-        result = call.trainer.train(
-            worker.model(), call.received, call.data, call.config, call.state, torch_generator(call.seed), worker.device
-        )
+        result = call.trainer.train(call.client_call())
         return call.reply(result)
 
     def train_many(messages: list[Message], contexts: list[Context]) -> list[Message]:
@@ -170,7 +177,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         if worker_for(environment_for(contexts[0])).vectorize == 1:  # one at a time, as without it
             return [train(message, context) for message, context in zip(messages, contexts, strict=True)]
         replies: list[Message | None] = [None] * len(messages)
-        together: list[tuple[int, TrainCall]] = []
+        together: list[tuple[int, TrainRequest]] = []
         for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
             call = prepare_train(message, context)
             if call.fault is None and call.worker.trains_together(call.trainer):
@@ -182,16 +189,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
             size = worker.vectorize
             for start in range(0, len(together), size):
                 chunk = together[start : start + size]
-                results = train_clients(
-                    worker.trainer,
-                    worker.model(),
-                    [call.received for _, call in chunk],
-                    [call.data for _, call in chunk],
-                    [call.config for _, call in chunk],
-                    [call.state for _, call in chunk],
-                    [torch_generator(call.seed) for _, call in chunk],
-                    worker.device,
-                )
+                results = train_clients(worker.trainer, [call.client_call() for _, call in chunk])
                 for (index, call), result in zip(chunk, results, strict=True):
                     replies[index] = call.reply(result)
         return replies
@@ -209,7 +207,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         state = worker.state_store.load(client, config.server_round)
         trainer = worker.trainer_for(client)
         arrays = received_arrays(message.content.array_records, trainer)
-        logits = trainer.predict(worker.model(), arrays, data, config, state, worker.device)
+        logits = trainer.predict(ClientCall(worker.model(), arrays, data, config, state, None, worker.device))
         metrics = evaluation_metrics(logits, data, len(worker.dataset.domains))
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
 
@@ -227,7 +225,7 @@ def make_client_app(env: RunEnvironment | Callable[[Context], RunEnvironment]) -
         state = worker.state_store.load(client, config.server_round - 1)
         trainer = worker.trainer_for(client)
         arrays = received_arrays(message.content.array_records, trainer)
-        result = trainer.query(worker.model(), arrays, data, config, state, worker.device)
+        result = trainer.query(ClientCall(worker.model(), arrays, data, config, state, None, worker.device))
         content = {METRICS_KEY: MetricRecord({**result.metrics, NUM_EXAMPLES: data.num_train})}
         if result.statistics:
             content[STATISTICS_KEY] = ArrayRecord(

@@ -33,7 +33,7 @@ from fedsim.clientapp import client_id, evaluation_metrics, only
 from fedsim.data import ClientData
 from fedsim.lookups import trainer_class
 from fedsim.seeding import derive_seed, seed_torch_globally, torch_generator
-from fedsim.trainer import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, ClientState, RoundConfig
+from fedsim.trainer import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, ClientCall, ClientState, RoundConfig
 from fedsim.training import resolve_device
 from strategies import FedAvg, FedBN, FedProx, FedWon
 from strategies.fedbn import batchnorm_keys_by_name
@@ -80,14 +80,10 @@ def client_app(
         train_seed = derive_seed(seed, "train", config.server_round, client)
         seed_torch_globally(train_seed, torch_device)  # dropout and any other global-RNG draw
         data = _client_data(data_fn(context))
+        arrays = only(message.content.array_records, "ArrayRecord")
+        generator = torch_generator(train_seed)
         result = trainer.train(
-            model_fn(),
-            only(message.content.array_records, "ArrayRecord"),
-            data,
-            config,
-            _load_state(context),
-            torch_generator(train_seed),
-            torch_device,
+            ClientCall(model_fn(), arrays, data, config, _load_state(context), generator, torch_device)
         )
         if result.state:
             context.state[STATE_KEY] = ArrayRecord(
@@ -102,7 +98,8 @@ def client_app(
         config = _round_config(message, client, seed)
         data = _client_data(data_fn(context))
         arrays = only(message.content.array_records, "ArrayRecord")
-        logits = trainer.predict(model_fn(), arrays, data, config, _load_state(context), resolve_device(device))
+        state = _load_state(context)
+        logits = trainer.predict(ClientCall(model_fn(), arrays, data, config, state, None, resolve_device(device)))
         metrics = evaluation_metrics(logits, data, num_domains=0)
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=message)
 

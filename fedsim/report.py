@@ -308,9 +308,9 @@ def plot_curves(
 ) -> bool:
     """The global ``metric`` against round: mean line and ± std band per group. False when
     metrics.csv has no such per-round series."""
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from matplotlib.ticker import MaxNLocator
 
-    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plt, save_figure
 
     rows = table.curves[table.curves["metric"] == metric]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedsim import atomic
+from fedsim import checkpoint as checkpoints
 from fedsim.checkpoint import Checkpoint
 from fedsim.config import Experiment
 from fedsim.errors import UserError
@@ -205,15 +206,11 @@ class RunDirectory:
 
     # checkpoint -------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        from fedsim import checkpoint as checkpoints
-
         checkpoints.save(self.checkpoint, checkpoint)
 
     def load_checkpoint(self, experiment: Experiment) -> Checkpoint:
         """The checkpoint, checked against this experiment and against metrics.csv, whose
         rows after the checkpoint are cut away (a run killed mid-round wrote them)."""
-        from fedsim import checkpoint as checkpoints
-
         checkpoint = checkpoints.load(self.checkpoint)
         if checkpoint.fingerprint != experiment.fingerprint():
             raise UserError(

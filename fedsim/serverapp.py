@@ -29,6 +29,7 @@ from fedsim.environment import RunEnvironment
 from fedsim.faults import FaultPlan, Screen
 from fedsim.observers.base import RoundObserver, RunContext
 from fedsim.ordered_grid import OrderedGrid, discover_clients
+from fedsim.protocols import Querying, SeveralModels
 from fedsim.results import CLIENT_HOLDOUT, GLOBAL_TEST, MetricRow, RunDirectory
 from fedsim.seeding import derive_seed
 from fedsim.trainer import SERVER_ROUND, TIME_SLOT, RoundConfig
@@ -97,8 +98,9 @@ class Federation:
     def initial_arrays(self, strategy: Strategy) -> ArrayRecord:
         """The global arrays before round 1: one new model, or what the strategy's
         ``initial_arrays(new_model)`` makes of new models (several, :mod:`fedsim.multimodel`)."""
-        make = getattr(strategy, "initial_arrays", None)
-        return make(self.new_model_arrays) if callable(make) else self.new_model_arrays()
+        if isinstance(strategy, SeveralModels):
+            return strategy.initial_arrays(self.new_model_arrays)
+        return self.new_model_arrays()
 
     def evaluate_global(
         self, arrays: ArrayRecord, x: np.ndarray | None = None, y: np.ndarray | None = None
@@ -203,13 +205,12 @@ class Federation:
         go to its ``aggregate_query(server_round, replies) -> MetricRecord | None``. It is
         asked again after each, until it sends nothing (several stages: FedDAA's
         prototypes, then drift detection against the centres they gave)."""
-        configure = getattr(strategy, "configure_query", None)
-        if not callable(configure):
+        if not isinstance(strategy, Querying):
             return []
         rows: list[MetricRow] = []
         for _stage in range(MAX_QUERY_STAGES):
             config = ConfigRecord({SERVER_ROUND: server_round, **self.slot_config(server_round)})
-            messages = list(configure(server_round, arrays, config, grid))
+            messages = list(strategy.configure_query(server_round, arrays, config, grid))
             if not messages:
                 return rows
             replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
@@ -271,5 +272,6 @@ def _clients(clients: list[int] | None) -> frozenset[int] | None:
 
 
 def is_personalized(strategy: Strategy) -> bool:
-    """Whether clients use models of their own, so the global arrays are not evaluated."""
+    """Whether clients use models of their own, so the global arrays are not evaluated
+    (:class:`fedsim.protocols.StrategyClass`'s ``personalized``)."""
     return bool(getattr(strategy, "personalized", False))

@@ -1,7 +1,9 @@
 """The client side of an algorithm: what a client does with the global model.
 
-A :class:`ClientTrainer` receives the model, its data view, the round's config and its
-own persistent state, and returns arrays, metrics and new state. The model is the
+A :class:`ClientTrainer`'s hooks (``train``, ``query``, ``predict``) receive one
+:class:`ClientCall`: the model, the server's arrays, the client's data view, the round's
+config, its own persistent state, the round's generator and the device; ``train`` returns
+arrays, metrics and new state. The model is the
 worker's, reused by every client it runs (:class:`fedsim.worker.Worker`), so
 :meth:`ClientTrainer.receive` must set all of its parameters and buffers (a strict
 ``load_state_dict`` does); it stays on the worker's device. The default trainer is
@@ -11,6 +13,7 @@ step that differs, and its Strategy names it in a ``client_trainer`` class attri
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +105,28 @@ class QueryResult:
 
     metrics: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientCall:
+    """One call of a trainer hook for one client: the worker's ``model`` (reused by every
+    client the worker runs), the ``arrays`` the server sent (a dict of named records for a
+    several-model strategy), the client's ``data`` in this round, the round's ``config``
+    (with the client's id and the round), its persistent ``state``, the round's
+    ``generator`` (None for a call that draws nothing: a query, a prediction) and the
+    ``device``. :meth:`replace` gives the call with some of them changed (a method that
+    trains on augmented data, say)."""
+
+    model: nn.Module
+    arrays: Any
+    data: ClientData
+    config: RoundConfig
+    state: ClientState
+    generator: torch.Generator | None
+    device: torch.device
+
+    def replace(self, **changes: Any) -> ClientCall:
+        return dataclasses.replace(self, **changes)
 
 
 class ClientTrainer:
@@ -199,49 +224,25 @@ class ClientTrainer:
         model may be on a GPU)."""
         return ArrayRecord(model.state_dict()), state
 
-    def train(
-        self,
-        model: nn.Module,
-        arrays: ArrayRecord,
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> TrainResult:
-        self.receive(model, arrays, state)
-        model.to(device)
-        metrics = self.fit(model, data, config, generator, device)
-        reply, state = self.send(model, state)
+    def train(self, call: ClientCall) -> TrainResult:
+        """A round of local training: receive, fit, send."""
+        self.receive(call.model, call.arrays, call.state)
+        call.model.to(call.device)
+        metrics = self.fit(call.model, call.data, call.config, call.generator, call.device)
+        reply, state = self.send(call.model, call.state)
         return TrainResult(reply, metrics, state)
 
-    def query(
-        self,
-        model: nn.Module,
-        arrays: ArrayRecord,
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        device: torch.device,
-    ) -> QueryResult:
+    def query(self, call: ClientCall) -> QueryResult:
         """Answer a strategy's query (``configure_query``): statistics of the client's data
         or of the model on it. A trainer whose strategy asks overrides this."""
         raise NotImplementedError(f"{type(self).__name__} answers no queries; its strategy should not send any")
 
-    def predict(
-        self,
-        model: nn.Module,
-        arrays: ArrayRecord,
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        device: torch.device,
-    ) -> torch.Tensor:
+    def predict(self, call: ClientCall) -> torch.Tensor:
         """Logits, on the client's held-out data, of the model this client would use.
 
         The ClientApp turns them into loss, accuracy and per-domain accuracy, the same way
         for every method, so that methods stay comparable.
         """
-        self.receive(model, arrays, state)
-        model.to(device)
-        return predict(model, data.x_test, device)
+        self.receive(call.model, call.arrays, call.state)
+        call.model.to(call.device)
+        return predict(call.model, call.data.x_test, call.device)

@@ -3,7 +3,8 @@
 A partitioner is built from its parameters, in the manner of scikit-learn's splitters,
 and its ``split(y, *, domains=None, embeddings=None, groups=None, seed)`` returns a
 :class:`Partition`: one integer index array per client into ``y``. Impossible parameters
-raise a ValueError that names the parameter and says why.
+raise a ValueError that names the parameter and says why: the constructors check theirs
+with :mod:`fedsim.checks`, and ``split`` checks the data (:func:`check_labels`, ...).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedsim.atomic import write_npz
+from fedsim.checks import check_integer
 from partitioners.skew import measure_skew
 
 
@@ -232,18 +234,6 @@ def check_labels(y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64, copy=False)
 
 
-def check_integer(name: str, value: Any, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < np.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def check_min_size(min_size: int, num_clients: int, num_samples: int) -> None:
     """An impossible minimum size is a parameter error, not a sampling failure."""
     if min_size * num_clients > num_samples:
@@ -251,18 +241,6 @@ def check_min_size(min_size: int, num_clients: int, num_samples: int) -> None:
             f"min_size={min_size} x num_clients={num_clients} = {min_size * num_clients} "
             f"exceeds the {num_samples} samples; lower min_size or num_clients"
         )
-
-
-def check_fraction(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    low = "0 <=" if allow_zero else "0 <"
-    in_range = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    if not in_range or not ((0 <= value if allow_zero else 0 < value) and value < 1):
-        raise ValueError(f"{name} must be a number with {low} {name} < 1, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def check_group_ids(name: str, values: np.ndarray | None, num_samples: int) -> np.ndarray:

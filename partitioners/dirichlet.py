@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedsim.checks import check_integer, check_positive
 from partitioners.allocation import cut_counts, deal, equal_sizes, fill_quotas
-from partitioners.base import (
-    Partition,
-    Partitioner,
-    check_integer,
-    check_labels,
-    check_min_size,
-    check_positive,
-)
+from partitioners.base import Partition, Partitioner, check_labels, check_min_size
 
 
 class Dirichlet(Partitioner):

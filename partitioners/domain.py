@@ -6,15 +6,9 @@ from typing import Literal
 
 import numpy as np
 
+from fedsim.checks import check_integer, check_number, check_positive
 from partitioners.allocation import cut_counts, deal
-from partitioners.base import (
-    Partition,
-    Partitioner,
-    check_group_ids,
-    check_integer,
-    check_labels,
-    check_positive,
-)
+from partitioners.base import Partition, Partitioner, check_group_ids, check_labels
 from partitioners.mixture import MixtureOptions
 
 
@@ -52,9 +46,7 @@ class DomainPerClient(Partitioner):
 
     def __init__(self, num_clients: int, fraction: float = 1.0) -> None:
         super().__init__(num_clients)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be a number with 0 < fraction <= 1, got {fraction!r}")
-        self.fraction = float(fraction)
+        self.fraction = check_number("fraction", fraction, above=0, at_most=1)
 
     def split(self, y, *, domains=None, embeddings=None, groups=None, seed: int = 0) -> Partition:
         y = check_labels(y)

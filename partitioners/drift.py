@@ -25,17 +25,10 @@ from typing import Any
 import numpy as np
 
 from fedsim.atomic import write_npz
+from fedsim.checks import check, check_bool, check_choice, check_integer, check_number, check_positive
 from fedsim.data.transforms import parse_transform
 from partitioners.allocation import cut_counts
-from partitioners.base import (
-    ClientView,
-    Partition,
-    Partitioner,
-    check_choice,
-    check_integer,
-    check_labels,
-    check_positive,
-)
+from partitioners.base import ClientView, Partition, Partitioner, check_labels
 
 # Drift events are a bitmask per (client, slot): what changed on the way INTO that slot.
 REAL, VIRTUAL, LABEL = 1, 2, 4
@@ -578,12 +571,12 @@ class DriftPartitioner(Partitioner):
         drift_types = _string_list("drift_types", drift_types)
         for kind in drift_types:
             check_choice("drift_types entry", kind, DRIFT_TYPES)
-        if not drift_types or len(set(drift_types)) != len(drift_types):
-            raise ValueError(f"drift_types must name each of {', '.join(DRIFT_TYPES)} at most once, and one at least")
+        check(
+            drift_types and len(set(drift_types)) == len(drift_types),
+            f"drift_types must name each of {', '.join(DRIFT_TYPES)} at most once, and one at least",
+        )
         check_choice("schedule", schedule, SCHEDULES)
-        check_positive("drift_fraction", drift_fraction)
-        if drift_fraction > 1:
-            raise ValueError(f"drift_fraction must be a share of the clients in (0, 1], got {drift_fraction!r}")
+        check_number("drift_fraction", drift_fraction, above=0, at_most=1)
         check_integer("drift_every", drift_every, minimum=1)
         check_integer("window", window, minimum=1)
         concepts = _string_list("concepts", concepts)
@@ -592,30 +585,30 @@ class DriftPartitioner(Partitioner):
                 parse_label_map(spec)
             except ValueError as error:
                 raise ValueError(f"concepts: {error}") from None
-        if not concepts or concepts[0] != "identity":
-            raise ValueError(
-                f"concepts[0] must be 'identity' (every client starts with its labels as they are), got {concepts[:1]}"
-            )
+        check(
+            concepts and concepts[0] == "identity",
+            f"concepts[0] must be 'identity' (every client starts with its labels as they are), got {concepts[:1]}",
+        )
         transforms = _string_list("transforms", transforms)
         for spec in transforms:
             try:
                 parse_transform(spec)
             except ValueError as error:
                 raise ValueError(f"transforms: {error}") from None
-        if not transforms or transforms[0] != "identity":
-            raise ValueError(
-                f"transforms[0] must be 'identity' (every client starts with its images as they are), got {transforms[:1]}"
-            )
+        check(
+            transforms and transforms[0] == "identity",
+            f"transforms[0] must be 'identity' (every client starts with its images as they are), got {transforms[:1]}",
+        )
         for name, specs in (("concepts", concepts), ("transforms", transforms)):
-            if len(set(specs)) != len(specs):
-                raise ValueError(f"{name} names an entry twice: {list(specs)}")
+            check(len(set(specs)) == len(specs), f"{name} names an entry twice: {list(specs)}")
         check_positive("label_alpha", label_alpha)
         check_positive("rotation_step", rotation_step)
-        if not 0.1 <= rotation_step <= 180 or abs(360 / rotation_step - round(360 / rotation_step)) > 1e-9:
-            raise ValueError(f"rotation_step must divide 360 and lie in [0.1, 180] degrees, got {rotation_step!r}")
+        check(
+            0.1 <= rotation_step <= 180 and abs(360 / rotation_step - round(360 / rotation_step)) <= 1e-9,
+            f"rotation_step must divide 360 and lie in [0.1, 180] degrees, got {rotation_step!r}",
+        )
         check_integer("samples_per_client", samples_per_client, minimum=0)
-        if not isinstance(reshuffle_shards, (bool, np.bool_)):
-            raise ValueError(f"reshuffle_shards must be true or false, got {reshuffle_shards!r}")
+        check_bool("reshuffle_shards", reshuffle_shards)
 
         self.num_slots = num_slots
         self.rounds_per_slot = rounds_per_slot

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.checks import check_fraction, check_integer, check_positive
 from fedsim.data.cache import cache_key, cached_arrays
 from fedsim.errors import UserError
 from fedsim.registry import did_you_mean, load_reference, validate_parameters
-from partitioners.base import check_fraction, check_integer, check_positive
 
 EmbedFunction = Callable[..., np.ndarray]
 

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fedsim.checks import check_integer, check_positive
 from partitioners.allocation import deal
-from partitioners.base import Partition, Partitioner, check_integer, check_labels, check_positive
+from partitioners.base import Partition, Partitioner, check_labels
 from partitioners.embedders import check_embedder_options, embed, resolve_embedder
 from partitioners.mixture import MixtureOptions
 

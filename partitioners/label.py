@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedsim.checks import check_integer
 from partitioners.allocation import cut_counts, deal, equal_sizes, group_order
-from partitioners.base import Partition, Partitioner, check_integer, check_labels, indices_by_owner
+from partitioners.base import Partition, Partitioner, check_labels, indices_by_owner
 
 
 class Pathological(Partitioner):

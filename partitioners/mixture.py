@@ -13,16 +13,9 @@ from typing import Literal
 
 import numpy as np
 
+from fedsim.checks import check_choice, check_integer, check_positive
 from partitioners.allocation import deal, equal_sizes, fill_quotas
-from partitioners.base import (
-    Partition,
-    Partitioner,
-    check_choice,
-    check_integer,
-    check_labels,
-    check_min_size,
-    check_positive,
-)
+from partitioners.base import Partition, Partitioner, check_labels, check_min_size
 
 SIZE_RULES = ("equal", "fit")
 FIT_BATCH_ENTRIES = 2_000_000  # draws x clients x groups held in memory at once by the "fit" rule

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from partitioners.base import Partition, Partitioner, check_group_ids, check_integer, check_labels, indices_by_owner
+from fedsim.checks import check_integer
+from partitioners.base import Partition, Partitioner, check_group_ids, check_labels, indices_by_owner
 
 
 class NaturalPartitioner(Partitioner):

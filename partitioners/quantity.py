@@ -6,16 +6,9 @@ from typing import Literal
 
 import numpy as np
 
+from fedsim.checks import check_choice, check_integer, check_positive
 from partitioners.allocation import cut_counts, deal
-from partitioners.base import (
-    Partition,
-    Partitioner,
-    check_choice,
-    check_integer,
-    check_labels,
-    check_min_size,
-    check_positive,
-)
+from partitioners.base import Partition, Partitioner, check_labels, check_min_size
 
 SIZE_DISTRIBUTIONS = ("dirichlet", "power-law")
 

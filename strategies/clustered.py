@@ -28,8 +28,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedsim import multimodel
+from fedsim.checks import check_integer
 from fedsim.data import ClientData
-from fedsim.trainer import NUM_EXAMPLES, ClientState, ClientTrainer, RoundConfig, TrainResult
+from fedsim.trainer import NUM_EXAMPLES, ClientCall, ClientState, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import predict
 
 
@@ -43,57 +44,26 @@ class SeveralModelsTrainer(ClientTrainer):
     can_vectorize = False  # each client trains several models, or picks one, per round
     takes_several_models = True
 
-    def train(
-        self,
-        model: nn.Module,
-        arrays: dict[str, ArrayRecord],
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> TrainResult:
-        models = multimodel.ordered(arrays)
-        trained, weights, metrics, state = self.train_models(model, models, data, config, state, generator, device)
+    def train(self, call: ClientCall) -> TrainResult:
+        models = multimodel.ordered(call.arrays)
+        trained, weights, metrics, state = self.train_models(call, models)
         reply = {multimodel.model_name(k): record for k, record in trained.items()}
         metrics = {**metrics, **{weight_key(k): float(weights[k]) for k in range(len(models))}}
         return TrainResult(reply, metrics, state)
 
     def train_models(
-        self,
-        model: nn.Module,
-        models: list[ArrayRecord],
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        generator: torch.Generator,
-        device: torch.device,
+        self, call: ClientCall, models: list[ArrayRecord]
     ) -> tuple[dict[int, ArrayRecord], np.ndarray, dict[str, float], ClientState]:
-        """Train; return the trained models by index, a weight per model, metrics and state."""
-        raise NotImplementedError
+        """Train on ``models`` (the call's records, in order); return the trained models by
+        index, a weight per model, metrics and the client's new state."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_models")
 
-    def predict(
-        self,
-        model: nn.Module,
-        arrays: dict[str, ArrayRecord],
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        device: torch.device,
-    ) -> torch.Tensor:
-        return self.predict_models(model, multimodel.ordered(arrays), data, config, state, device)
+    def predict(self, call: ClientCall) -> torch.Tensor:
+        return self.predict_models(call, multimodel.ordered(call.arrays))
 
-    def predict_models(
-        self,
-        model: nn.Module,
-        models: list[ArrayRecord],
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        device: torch.device,
-    ) -> torch.Tensor:
+    def predict_models(self, call: ClientCall, models: list[ArrayRecord]) -> torch.Tensor:
         """Logits on the client's held-out data."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement predict_models")
 
     # -- helpers for subclasses ---------------------------------------------------------
     def train_one(
@@ -147,8 +117,7 @@ class SeveralModels(FedAvg):
     personalized = True  # each client predicts with the model(s) it picks
 
     def __init__(self, num_models: int = 4, **kwargs) -> None:
-        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
-            raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}")
+        check_integer("num_models", num_models, minimum=1)
         super().__init__(**kwargs)
         self.num_models = num_models
         self.current: list[ArrayRecord] = []

@@ -14,7 +14,8 @@ from typing import Literal
 
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.trainer import ClientTrainer
+from fedsim.checks import check_choice, check_integer
+from fedsim.trainer import ClientCall, ClientTrainer, TrainResult
 from strategies import history
 
 
@@ -23,13 +24,12 @@ class HistoryTrainer(ClientTrainer):
 
     can_vectorize = False  # trains on its history buffer, which the vectorised loop does not see
 
-    def train(self, model, arrays, data, config, state, generator, device):
+    def train(self, call: ClientCall) -> TrainResult:
+        data, config = call.data, call.config
         keep = config.extra.get("history", "keep") == "keep"
         bound = int(config.extra.get("history-size", 0))
-        state = history.update(state, data, keep=keep, bound=bound)
-        result = super().train(
-            model, arrays, history.merged(state, data) if keep else data, config, state, generator, device
-        )
+        state = history.update(call.state, data, keep=keep, bound=bound)
+        result = super().train(call.replace(data=history.merged(state, data) if keep else data, state=state))
         result.metrics["history-samples"] = float(history.history_size(state))
         return result
 
@@ -45,10 +45,8 @@ class FedAvgHistory(FedAvg):
     client_trainer = HistoryTrainer
 
     def __init__(self, history: Literal["keep", "discard"] = "keep", history_size: int = 0, **kwargs) -> None:
-        if history not in ("keep", "discard"):
-            raise ValueError(f"history must be 'keep' or 'discard', got {history!r}")
-        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
-            raise ValueError(f"history_size must be an integer >= 0, got {history_size!r}")
+        check_choice("history", history, ("keep", "discard"))
+        check_integer("history_size", history_size, minimum=0)
         super().__init__(**kwargs)
         self.history = history
         self.history_size = history_size

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
+from fedsim.checks import check_choice
 from fedsim.models.norm import batchnorm_keys
 from fedsim.trainer import ClientState, ClientTrainer
 
@@ -100,8 +101,7 @@ class FedBN(FedAvg):
 
     def __init__(self, *, weighting: Literal["uniform", "samples"] = "uniform", **kwargs) -> None:
         super().__init__(**kwargs)
-        if weighting not in ("uniform", "samples"):
-            raise ValueError(f"weighting must be 'uniform' or 'samples', got {weighting!r}")
+        check_choice("weighting", weighting, ("uniform", "samples"))
         self.weighting = weighting
 
     def with_initial_batchnorm(self, arrays: ArrayRecord) -> ArrayRecord:

@@ -46,8 +46,9 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedsim import multimodel
+from fedsim.checks import check, check_choice, check_integer
 from fedsim.data import ClientData
-from fedsim.trainer import DRIFT_FROM_SLOT, REAL_DRIFT, TIME_SLOT, ClientState, QueryResult, RoundConfig
+from fedsim.trainer import DRIFT_FROM_SLOT, REAL_DRIFT, TIME_SLOT, ClientCall, ClientState, QueryResult, RoundConfig
 from fedsim.training import batches
 from strategies import history
 from strategies.clustered import SeveralModels, SeveralModelsTrainer
@@ -90,8 +91,9 @@ class FedDAATrainer(SeveralModelsTrainer):
             logits = self.logits_of(model, models[0], x, device)
         return prototype(logits, y, logits.shape[1])
 
-    def query(self, model, arrays, data: ClientData, config: RoundConfig, state, device) -> QueryResult:
-        models = multimodel.ordered(arrays)
+    def query(self, call: ClientCall) -> QueryResult:
+        model, data, config, device = call.model, call.data, call.config, call.device
+        models = multimodel.ordered(call.arrays)
         now = self._prototype(model, models, data.x_train, data.y_train, config, device)
         if config.extra[STAGE] == "prototypes":
             return QueryResult(statistics={"prototype": now})
@@ -118,7 +120,9 @@ class FedDAATrainer(SeveralModelsTrainer):
             return None
         return np.asarray(pi, np.float64)
 
-    def train_models(self, model, models, data, config: RoundConfig, state, generator, device):
+    def train_models(self, call: ClientCall, models: list[ArrayRecord]):
+        model, data, config, state = call.model, call.data, call.config, call.state
+        generator, device = call.generator, call.device
         num_models = len(models)
         drift = bool(config.extra.get(REAL_DRIFT, 0.0))
         state = history.update(state, data, keep=not drift, bound=int(config.extra.get("history-size", 0)))
@@ -171,10 +175,11 @@ class FedDAATrainer(SeveralModelsTrainer):
                 seen += len(index)
         return total / max(seen, 1)
 
-    def predict_models(self, model, models, data, config, state, device) -> torch.Tensor:
+    def predict_models(self, call: ClientCall, models: list[ArrayRecord]) -> torch.Tensor:
         """log sum_j pi_j softmax(f_j(x)): the mixture's log-probabilities as logits. A
         client that has not trained in this slot fits its pi on its training data first
         (one E-step from uniform)."""
+        model, data, state, device = call.model, call.data, call.state, call.device
         pi = self.mixture(state, data, len(models))
         if pi is None:
             losses = self.losses(model, models, data.x_train, data.y_train, device)
@@ -212,19 +217,19 @@ class FedDAA(SeveralModels):
         **kwargs,
     ) -> None:
         schedule = num_models if isinstance(num_models, list) else None
-        if schedule is None and num_models != "silhouette":
-            raise ValueError(f"num_models must be 'silhouette' or a list of model counts per slot, got {num_models!r}")
-        if schedule is not None and (not schedule or any(not isinstance(k, int) or k < 1 for k in schedule)):
-            raise ValueError(f"num_models as a schedule must list integers >= 1, got {num_models!r}")
-        for name, value, low in (("initial_models", initial_models, 1), ("max_models", max_models, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if aggregation not in ("soft", "samples"):
-            raise ValueError(f"aggregation must be 'soft' or 'samples', got {aggregation!r}")
-        if prototype_model not in ("first", "mixture"):
-            raise ValueError(f"prototype_model must be 'first' or 'mixture', got {prototype_model!r}")
-        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
-            raise ValueError(f"history_size must be an integer >= 0, got {history_size!r}")
+        check(
+            schedule is not None or num_models == "silhouette",
+            f"num_models must be 'silhouette' or a list of model counts per slot, got {num_models!r}",
+        )
+        check(
+            schedule is None or (schedule and all(isinstance(k, int) and k >= 1 for k in schedule)),
+            f"num_models as a schedule must list integers >= 1, got {num_models!r}",
+        )
+        check_integer("initial_models", initial_models, minimum=1)
+        check_integer("max_models", max_models, minimum=2)
+        check_choice("aggregation", aggregation, ("soft", "samples"))
+        check_choice("prototype_model", prototype_model, ("first", "mixture"))
+        check_integer("history_size", history_size, minimum=0)
         capacity = max(max_models, initial_models, *(schedule or [1]))
         super().__init__(num_models=capacity, **kwargs)
         self.schedule = schedule

@@ -7,17 +7,16 @@ fedsim's ``fedprox`` asks for ``proximal_mu`` under ``[strategy]`` (the paper tr
 to 1; 0 is allowed when written out, for ablations).
 """
 
-from typing import Annotated
-
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
-from pydantic import Field
+
+from fedsim.checks import check_number
 
 
 class FedProx(FlowerFedProx):
     """FedProx (Li et al., MLSys 2020): FedAvg whose clients add a proximal term (mu / 2) ||w - w_global||^2."""
 
-    def __init__(self, *, proximal_mu: Annotated[float, Field(ge=0)], **kwargs) -> None:
-        super().__init__(proximal_mu=proximal_mu, **kwargs)
+    def __init__(self, *, proximal_mu: float, **kwargs) -> None:
+        super().__init__(proximal_mu=check_number("proximal_mu", proximal_mu, at_least=0), **kwargs)
 
 
 __all__ = ["FedProx"]

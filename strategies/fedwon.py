@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from fedsim.checks import check_positive
 from fedsim.clipping import AdaptiveClipping
 from fedsim.models.norm import has_normalization
 from fedsim.trainer import ClientTrainer, RoundConfig
@@ -70,8 +71,7 @@ class FedWon(FedAvg):
 
     def __init__(self, *, clip_lambda: float = 0.32, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not clip_lambda > 0:
-            raise ValueError(f"clip_lambda must be > 0, got {clip_lambda!r}")
+        check_positive("clip_lambda", clip_lambda)
         self.clip_lambda = clip_lambda
 
     def configure_train(self, server_round, arrays, config, grid):

@@ -50,10 +50,10 @@ from flwr.serverapp import Grid
 from torch import nn
 from torch.nn import functional as F
 
-from fedsim.data import ClientData
+from fedsim.checks import check_bool, check_choice, check_integer, check_number, check_positive
 from fedsim.errors import UserError
 from fedsim.seeding import derive_seed
-from fedsim.trainer import ClientState, RoundConfig, TrainResult
+from fedsim.trainer import ClientCall, ClientState, TrainResult
 from fedsim.training import batches
 from strategies.fedbn import BATCHNORM_ENTRIES, FedBN, FedBNTrainer, batchnorm_keys_by_name
 from strategies.fraug_networks import Generator, RTNet, augmentation_weight, distance, entropy, ratio
@@ -77,18 +77,6 @@ def local_keys(keys: Iterable[str], entries: tuple[str, ...]) -> set[str]:
 
 
 # -- settings sent to the clients --------------------------------------------------------
-def _check_number(name: str, value, low: float, *, strict: bool, high: float = math.inf) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value > low if strict else value >= low) or value > high:
-        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _check_choice(name: str, value, choices: Iterable[str]) -> None:
-    if value not in tuple(choices):
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class Settings:
     """FRAug's client settings: validated on the server, sent as ``fraug-*`` train config keys."""
@@ -108,20 +96,18 @@ class Settings:
     generator_batchnorm: str = "shared"
 
     def __post_init__(self) -> None:
-        if isinstance(self.total_rounds, bool) or not isinstance(self.total_rounds, int) or self.total_rounds < 1:
-            raise ValueError(f"total_rounds must be an integer >= 1 (the run's rounds, T), got {self.total_rounds!r}")
+        check_integer("total_rounds (the run's rounds, T)", self.total_rounds, minimum=1)
         for name in ("generator_lr", "rtnet_lr"):
-            _check_number(name, getattr(self, name), 0, strict=True)
+            check_positive(name, getattr(self, name))
         for name in ("lambda_g", "lambda_rt", "gamma"):
-            _check_number(name, getattr(self, name), 0, strict=False)
-        _check_number("prototype_momentum", self.prototype_momentum, 0, strict=True, high=1)
-        _check_choice("anchor", self.anchor, ("both", "embedding", "prototype"))
-        _check_choice("generator_distance", self.generator_distance, ("mmd", "l2"))
-        _check_choice("rtnet_distance", self.rtnet_distance, ("mmd", "l2"))
-        _check_choice("local_batchnorm", self.local_batchnorm, ("layers", "statistics"))
-        _check_choice("generator_batchnorm", self.generator_batchnorm, ("shared", "local"))
-        if not isinstance(self.feature_interpolation, bool):
-            raise ValueError(f"feature_interpolation must be true or false, got {self.feature_interpolation!r}")
+            check_number(name, getattr(self, name), at_least=0)
+        check_number("prototype_momentum", self.prototype_momentum, above=0, at_most=1)
+        check_choice("anchor", self.anchor, ("both", "embedding", "prototype"))
+        check_choice("generator_distance", self.generator_distance, ("mmd", "l2"))
+        check_choice("rtnet_distance", self.rtnet_distance, ("mmd", "l2"))
+        check_choice("local_batchnorm", self.local_batchnorm, ("layers", "statistics"))
+        check_choice("generator_batchnorm", self.generator_batchnorm, ("shared", "local"))
+        check_bool("feature_interpolation", self.feature_interpolation)
 
     def to_config(self) -> dict:
         return {CONFIG_PREFIX + name.replace("_", "-"): value for name, value in asdict(self).items()}
@@ -154,7 +140,9 @@ class FRAugTrainer(FedBNTrainer):
         """The model's part of the arrays, with this client's own BatchNorm (FedBN's rule)."""
         super().receive(model, split(arrays)[0], state)
 
-    def train(self, model, arrays, data: ClientData, config: RoundConfig, state, generator, device) -> TrainResult:
+    def train(self, call: ClientCall) -> TrainResult:
+        model, arrays, data, config = call.model, call.arrays, call.data, call.config
+        state, generator, device = call.state, call.generator, call.device
         settings = Settings.from_config(config.extra)
         _, shared = split(arrays)
         if not shared:
@@ -324,10 +312,8 @@ class FRAug(FedBN):
         **kwargs,
     ) -> None:
         super().__init__(weighting=weighting, **kwargs)
-        if latent_dim is not None and (
-            isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1
-        ):
-            raise ValueError(f"latent_dim must be an integer >= 1 (or unset: feature size // 2), got {latent_dim!r}")
+        if latent_dim is not None:
+            check_integer("latent_dim", latent_dim, minimum=1)
         self.latent_dim = latent_dim
         self.settings = Settings(
             total_rounds=total_rounds,

@@ -49,18 +49,18 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from pydantic import Field
 from torch import nn
 
+from fedsim.checks import check_choice, check_integer, check_number
 from fedsim.data import ClientData
 from fedsim.seeding import derive_seed
-from fedsim.trainer import ClientTrainer, QueryResult, RoundConfig, TrainResult
+from fedsim.trainer import ClientCall, ClientTrainer, QueryResult, RoundConfig, TrainResult
 
 GEOMETRY = "ggeur."  # prefix of the geometry's arrays inside a train message's ArrayRecord
 EIGENVALUES, EIGENVECTORS = GEOMETRY + "eigenvalues", GEOMETRY + "eigenvectors"
@@ -194,18 +194,20 @@ class GGEURTrainer(ClientTrainer):
     def __init__(self) -> None:
         self._generated: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    def query(self, model, arrays, data: ClientData, config: RoundConfig, state, device) -> QueryResult:
+    def query(self, call: ClientCall) -> QueryResult:
+        model, data, config = call.model, call.data, call.config
         if config.extra.get(STAGE) != STATISTICS:
             raise ValueError(f"GGEUR's client answers {STAGE} = {STATISTICS!r}, got {config.extra.get(STAGE)!r}")
         statistics = class_statistics(data.x_train, data.y_train, _num_classes(model))
         return QueryResult(metrics={"client": float(config.client)}, statistics=statistics)
 
-    def train(self, model, arrays, data, config, state, generator, device) -> TrainResult:
+    def train(self, call: ClientCall) -> TrainResult:
+        arrays, data, config = call.arrays, call.data, call.config
         shape = {key: arrays[key].numpy() for key in arrays.keys() if key.startswith(GEOMETRY)}
         if EIGENVALUES not in shape:
             raise ValueError("GGEUR: the train message carries no class geometry; its statistics round did not run")
         head = ArrayRecord({key: arrays[key] for key in arrays.keys() if not key.startswith(GEOMETRY)})
-        return super().train(model, head, self._augmented(data, config, shape), config, state, generator, device)
+        return super().train(call.replace(arrays=head, data=self._augmented(data, config, shape)))
 
     def _augmented(self, data: ClientData, config: RoundConfig, shape: dict[str, np.ndarray]) -> ClientData:
         digest = hashlib.sha256()
@@ -272,28 +274,28 @@ class GGEUR(FedAvg):
         self,
         *,
         mode: Literal["single", "multi"] = "single",
-        target: Annotated[int, Field(ge=1)] = 500,
-        per_sample: Annotated[int, Field(ge=1)] = 50,
-        per_sample_few: Annotated[int, Field(ge=1)] = 500,
-        few: Annotated[int, Field(ge=0)] = 10,
-        per_prototype: Annotated[int, Field(ge=1)] = 50,
-        covariance_share: Annotated[float, Field(gt=0, le=1)] = 1.0,
+        target: int = 500,
+        per_sample: int = 50,
+        per_sample_few: int = 500,
+        few: int = 10,
+        per_prototype: int = 50,
+        covariance_share: float = 1.0,
         scale_eigenvalues: Literal["none", "smallest", "largest"] = "none",
-        scaled: Annotated[int, Field(ge=1)] = 10,
-        proximal_mu: Annotated[float, Field(ge=0)] = 0.0,
+        scaled: int = 10,
+        proximal_mu: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if mode not in ("single", "multi"):
-            raise ValueError(f"mode must be 'single' or 'multi', got {mode!r}")
-        if scale_eigenvalues not in ("none", "smallest", "largest"):
-            raise ValueError(f"scale_eigenvalues must be 'none', 'smallest' or 'largest', got {scale_eigenvalues!r}")
-        if not 0 < covariance_share <= 1:
-            raise ValueError(f"covariance_share must be in (0, 1], got {covariance_share!r}")
+        check_choice("mode", mode, ("single", "multi"))
+        check_choice("scale_eigenvalues", scale_eigenvalues, ("none", "smallest", "largest"))
+        check_number("covariance_share", covariance_share, above=0, at_most=1)
+        for name, value in (("target", target), ("per_sample", per_sample), ("per_sample_few", per_sample_few)):
+            check_integer(name, value, minimum=1)
+        check_integer("few", few, minimum=0)
+        check_integer("per_prototype", per_prototype, minimum=1)
+        check_integer("scaled", scaled, minimum=1)
+        check_number("proximal_mu", proximal_mu, at_least=0)
         self.generation = Generation(mode, target, per_sample, per_sample_few, few, per_prototype)
-        for name, value in vars(self.generation).items():
-            if name != "mode" and value < (0 if name == "few" else 1):
-                raise ValueError(f"{name} must be >= {0 if name == 'few' else 1}, got {value!r}")
         self.covariance_share = covariance_share
         self.scale_eigenvalues = scale_eigenvalues
         self.scaled = scaled

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsim.data import ClientData
-from fedsim.trainer import ClientState, RoundConfig
+from fedsim.trainer import ClientCall
 from strategies.clustered import SeveralModels, SeveralModelsTrainer
 
 
@@ -32,14 +32,16 @@ class IFCATrainer(SeveralModelsTrainer):
         ]
         return int(np.argmin(losses))
 
-    def train_models(self, model, models, data, config: RoundConfig, state: ClientState, generator, device):
+    def train_models(self, call: ClientCall, models: list[ArrayRecord]):
+        model, data, device = call.model, call.data, call.device
         chosen = self.choose(model, models, data, device)
-        trained, metrics = self.train_one(model, models[chosen], data, config, generator, device)
+        trained, metrics = self.train_one(model, models[chosen], data, call.config, call.generator, device)
         weights = np.zeros(len(models))
         weights[chosen] = data.num_train
-        return {chosen: trained}, weights, {**metrics, "cluster": float(chosen)}, state
+        return {chosen: trained}, weights, {**metrics, "cluster": float(chosen)}, call.state
 
-    def predict_models(self, model, models, data, config, state, device) -> torch.Tensor:
+    def predict_models(self, call: ClientCall, models: list[ArrayRecord]) -> torch.Tensor:
+        model, data, device = call.model, call.data, call.device
         return self.logits_of(model, models[self.choose(model, models, data, device)], data.x_test, device)
 
 

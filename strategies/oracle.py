@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 
-from fedsim.trainer import ClientState, RoundConfig
+from fedsim.trainer import ClientCall
 from strategies.clustered import SeveralModels, SeveralModelsTrainer
 
 
 class OracleTrainer(SeveralModelsTrainer):
-    def train_models(self, model, models, data, config: RoundConfig, state: ClientState, generator, device):
-        chosen = data.concept % len(models)
-        trained, metrics = self.train_one(model, models[chosen], data, config, generator, device)
+    def train_models(self, call: ClientCall, models: list[ArrayRecord]):
+        chosen = call.data.concept % len(models)
+        trained, metrics = self.train_one(
+            call.model, models[chosen], call.data, call.config, call.generator, call.device
+        )
         weights = np.zeros(len(models))
-        weights[chosen] = data.num_train
-        return {chosen: trained}, weights, {**metrics, "cluster": float(chosen)}, state
+        weights[chosen] = call.data.num_train
+        return {chosen: trained}, weights, {**metrics, "cluster": float(chosen)}, call.state
 
-    def predict_models(self, model, models, data, config, state, device) -> torch.Tensor:
-        return self.logits_of(model, models[data.concept % len(models)], data.x_test, device)
+    def predict_models(self, call: ClientCall, models: list[ArrayRecord]) -> torch.Tensor:
+        return self.logits_of(call.model, models[call.data.concept % len(models)], call.data.x_test, call.device)
 
 
 class ConceptOracle(SeveralModels):

@@ -26,7 +26,7 @@ from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import batchnorm_keys
 from fedsim.registry import build
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 from strategies.fedbn import FedBNTrainer
 from strategies.fedwon import AGC_LAMBDA, FedWonTrainer
 
@@ -57,7 +57,7 @@ def bn_model() -> nn.Module:
 def run(trainer, model, arrays, data, round_=1, state=None, seed=7, **config):
     config = RoundConfig(server_round=round_, client=0, batch_size=32, lr=0.05, **config)
     generator = torch.Generator().manual_seed(seed)
-    return trainer.train(model, arrays, data, config, dict(state or {}), generator, CPU)
+    return trainer.train(ClientCall(model, arrays, data, config, dict(state or {}), generator, CPU))
 
 
 def same_record(a: ArrayRecord, b: ArrayRecord) -> bool:
@@ -223,8 +223,8 @@ def test_the_attacker_leaves_the_generator_stream_as_the_wrapped_trainer_does(da
     arrays = ArrayRecord(lenet().state_dict())
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     config = RoundConfig(server_round=1, batch_size=32)
-    BadNets(ClientTrainer(), target=0).train(lenet(), arrays, data, config, {}, g1, CPU)
-    ClientTrainer().train(lenet(), arrays, data, config, {}, g2, CPU)
+    BadNets(ClientTrainer(), target=0).train(ClientCall(lenet(), arrays, data, config, {}, g1, CPU))
+    ClientTrainer().train(ClientCall(lenet(), arrays, data, config, {}, g2, CPU))
     assert torch.equal(g1.get_state(), g2.get_state())
 
 

@@ -650,5 +650,5 @@ def test_a_defence_needs_a_strategy_and_does_not_stack():
         FLAME(NormClipping(FedAvg()))
     with pytest.raises(ValueError, match="'flamee' is not known"):
         defend(FedAvg(), "flamee")
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got 0"):
         root_trainer(lambda: None, np.zeros((2, 1)), np.zeros(2), lr=0)

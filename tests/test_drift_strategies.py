@@ -15,7 +15,7 @@ from fedsim.build import load_experiment
 from fedsim.data import ClientData
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
-from fedsim.trainer import RoundConfig
+from fedsim.trainer import ClientCall, RoundConfig
 from partitioners.drift import DriftPartitioner
 from strategies import history
 from strategies.feddaa import CENTRES, STAGE, FedDAA, FedDAATrainer, choose_clusters
@@ -99,12 +99,19 @@ def test_detection_is_perfect_when_prototypes_reveal_the_concept():
     for slot in range(1, stream.num_slots):
         config = RoundConfig(server_round=slot + 1, extra={STAGE: "prototypes"})
         points = np.stack(
-            [trainer.query(model, models, data(c, slot), config, {}, "cpu").statistics["prototype"] for c in range(12)]
+            [
+                trainer.query(ClientCall(model, models, data(c, slot), config, {}, None, "cpu")).statistics["prototype"]
+                for c in range(12)
+            ]
         )
         _, centres, _ = choose_clusters(points, max_k=9)
         detect = RoundConfig(server_round=slot + 1, extra={STAGE: "detect", CENTRES: centres.ravel().tolist()})
         for client in range(12):
-            verdicts.append(trainer.query(model, models, data(client, slot), detect, {}, "cpu").metrics["real-drift"])
+            verdicts.append(
+                trainer.query(ClientCall(model, models, data(client, slot), detect, {}, None, "cpu")).metrics[
+                    "real-drift"
+                ]
+            )
             truths.append(float(stream.view_at(client, slot - 1).concept != stream.view_at(client, slot).concept))
     assert sum(truths) > 0  # the stream does drift
     assert verdicts == truths

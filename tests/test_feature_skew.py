@@ -20,7 +20,7 @@ from fedsim.models import build_model
 from fedsim.models.norm import RELU_GAMMA, WSConv2d, batchnorm_keys, has_normalization
 from fedsim.run import run_experiment
 from fedsim.state import ClientStateStore
-from fedsim.trainer import RoundConfig
+from fedsim.trainer import ClientCall, RoundConfig
 from strategies.fedbn import FedBNTrainer
 
 from .conftest import QUICKSTART, tiny_experiment
@@ -113,7 +113,9 @@ def test_fedbn_never_sends_and_never_overwrites_batchnorm():
     global_arrays = ArrayRecord(model.state_dict())
     trainer = FedBNTrainer()
     config = RoundConfig(server_round=1, lr=0.1)
-    first = trainer.train(model, global_arrays, _client_data(), config, {}, torch.Generator(), torch.device("cpu"))
+    first = trainer.train(
+        ClientCall(model, global_arrays, _client_data(), config, {}, torch.Generator(), torch.device("cpu"))
+    )
     assert not bn & set(first.arrays.keys()), "BatchNorm tensors must not leave the client"
     assert set(first.state) == bn
 

@@ -18,7 +18,7 @@ from fedsim.models.norm import batchnorm_keys
 from fedsim.results import RunDirectory
 from fedsim.run import run_experiment
 from fedsim.state import ClientStateStore
-from fedsim.trainer import RoundConfig
+from fedsim.trainer import ClientCall, RoundConfig
 from strategies.fraug import FRAug, FRAugTrainer
 from strategies.fraug_networks import augmentation_weight, entropy, mmd, ratio
 
@@ -134,13 +134,15 @@ def _one_round(strategy: FRAug, model: nn.Module, state=None):
     y = rng.integers(0, 10, 40)
     config = RoundConfig(server_round=1, lr=0.05, momentum=0.5, batch_size=16, extra=strategy.settings.to_config())
     result = FRAugTrainer().train(
-        model,
-        sent,
-        ClientData(x, y, x[:4], y[:4]),
-        config,
-        state or {},
-        torch.Generator().manual_seed(1),
-        torch.device("cpu"),
+        ClientCall(
+            model,
+            sent,
+            ClientData(x, y, x[:4], y[:4]),
+            config,
+            state or {},
+            torch.Generator().manual_seed(1),
+            torch.device("cpu"),
+        ),
     )
     return sent, result
 

@@ -13,7 +13,7 @@ from fedsim.attacks.model_replacement import ModelReplacement
 from fedsim.data import ClientData, load_dataset
 from fedsim.models import build_model
 from fedsim.run import run_experiment
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 from tests.conftest import tiny_experiment
 
 
@@ -30,7 +30,9 @@ def _model():
 def _reply(attack, data, **extra) -> dict[str, np.ndarray]:
     config = RoundConfig(server_round=1, client=0, batch_size=32, lr=0.05, extra=extra)
     arrays = ArrayRecord(_model().state_dict())
-    result = attack.train(_model(), arrays, data, config, {}, torch.Generator().manual_seed(1), torch.device("cpu"))
+    result = attack.train(
+        ClientCall(_model(), arrays, data, config, {}, torch.Generator().manual_seed(1), torch.device("cpu"))
+    )
     return {key: result.arrays[key].numpy() for key in result.arrays.keys()}
 
 

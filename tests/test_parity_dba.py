@@ -25,7 +25,7 @@ from fedsim.attacks.base import AttackRound
 from fedsim.attacks.dba import DBA
 from fedsim.attacks.triggers import Trigger
 from fedsim.data import ClientData
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 
 CPU = torch.device("cpu")
 
@@ -144,7 +144,7 @@ def test_a_scaled_round_sends_the_scaled_update_of_its_poisoned_training():
     config = RoundConfig(server_round=1, batch_size=8, lr=0.1)
     results = [
         DBA(ClientTrainer(), target=2, part=0, parts=2, scale=scale).train(
-            model(), arrays, data, config, {}, torch.Generator().manual_seed(7), CPU
+            ClientCall(model(), arrays, data, config, {}, torch.Generator().manual_seed(7), CPU)
         )
         for scale in (1.0, 30.0)
     ]
@@ -196,11 +196,11 @@ def test_a_given_poison_fraction_replaces_the_share_by_image_size():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"scale": 0.0}, "DBA's scale must be > 0, got 0.0"),
-        ({"local_triggers": 0}, "DBA's local_triggers must be >= 1, got 0"),
+        ({"scale": 0.0}, "DBA's scale must be a finite number > 0, got 0.0"),
+        ({"local_triggers": 0}, "DBA's local_triggers must be an integer >= 1, got 0"),
         ({"parts": 4, "local_triggers": 3}, "DBA's 4 colluding clients need a local trigger each, got 3; raise"),
         ({"bar": (0, 2)}, r"a bar is \(height, width\), both >= 1; got \(0, 2\)"),
-        ({"gap": -1}, "the gap between bars must be >= 0, got -1"),
+        ({"gap": -1}, "the gap between bars must be an integer >= 0, got -1"),
         ({"part": 2}, r"DBA's part must be in \[0, parts\), got part = 2, parts = 2"),
     ],
 )

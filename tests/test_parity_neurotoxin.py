@@ -31,7 +31,7 @@ from fedsim.attacks.base import AttackRound
 from fedsim.attacks.neurotoxin import Neurotoxin
 from fedsim.attacks.triggers import Trigger
 from fedsim.data import ClientData
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 
 CPU = torch.device("cpu")
 X = torch.rand(10, 1, 3, 3, generator=torch.Generator().manual_seed(1))
@@ -88,7 +88,7 @@ def step(model: nn.Module, config: RoundConfig = CONFIG) -> AttackRound:
 def train(attacker: Neurotoxin, config: RoundConfig = CONFIG):
     model = tiny()
     arrays = ArrayRecord(model.state_dict())
-    return attacker.train(model, arrays, DATA, config, {}, torch.Generator().manual_seed(7), CPU), arrays
+    return attacker.train(ClientCall(model, arrays, DATA, config, {}, torch.Generator().manual_seed(7), CPU)), arrays
 
 
 @pytest.mark.parametrize("per_layer, ratio", list(MASKED))
@@ -142,8 +142,8 @@ def test_the_clean_gradient_leaves_batchnorm_statistics_and_the_round_generator_
     attacker.clean_gradient(model, step(model))
     assert all(torch.equal(before[name], b) for name, b in model.named_buffers())
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    attacker.train(tiny(), ArrayRecord(tiny().state_dict()), DATA, CONFIG, {}, g1, CPU)
-    ClientTrainer().train(tiny(), ArrayRecord(tiny().state_dict()), DATA, CONFIG, {}, g2, CPU)
+    attacker.train(ClientCall(tiny(), ArrayRecord(tiny().state_dict()), DATA, CONFIG, {}, g1, CPU))
+    ClientTrainer().train(ClientCall(tiny(), ArrayRecord(tiny().state_dict()), DATA, CONFIG, {}, g2, CPU))
     assert torch.equal(g1.get_state(), g2.get_state())
 
 

@@ -16,7 +16,7 @@ from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import batchnorm_keys
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 from fedsim.vectorize import (
     choose_k,
     estimate_bytes_per_client,
@@ -256,18 +256,22 @@ def test_train_clients_matches_trainer_train_for_fedbn():
     states = [{}, {key: own[key].numpy() for key in local}]  # a new client, and one with its own BN
     datas = [client_data(n, (3, 8, 8), 3, 60 + seed) for seed, n in enumerate((10, 13))]
     config = RoundConfig(batch_size=4, lr=0.05)
-    results = train_clients(
-        trainer, model, [arrays] * 2, datas, config, states, [torch.Generator().manual_seed(s) for s in (1, 2)], CPU
-    )
+    calls = [
+        ClientCall(model, arrays, datas[client], config, states[client], torch.Generator().manual_seed(seed), CPU)
+        for client, seed in enumerate((1, 2))
+    ]
+    results = train_clients(trainer, calls)
     for client, result in enumerate(results):
         reference = trainer.train(
-            copy.deepcopy(model),
-            arrays,
-            datas[client],
-            config,
-            states[client],
-            torch.Generator().manual_seed(client + 1),
-            CPU,
+            ClientCall(
+                copy.deepcopy(model),
+                arrays,
+                datas[client],
+                config,
+                states[client],
+                torch.Generator().manual_seed(client + 1),
+                CPU,
+            )
         )
         got, expected = result.arrays.to_torch_state_dict(), reference.arrays.to_torch_state_dict()
         assert set(got) == set(expected) and not set(got) & local

@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord
 from fedsim.attacks import ATTACKS
 from fedsim.data import ClientData, load_dataset
 from fedsim.models import build_model
-from fedsim.trainer import ClientTrainer, RoundConfig
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 
 CLIENT_SIZE = 200  # a W1 client's images
 TARGET = 1
@@ -47,7 +47,7 @@ def one_round(trainer, data: ClientData, input_shape, arrays: ArrayRecord, confi
     model = build_model("lenet", input_shape, 10)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
-    trainer.train(model, arrays, data, config, {}, generator, torch.device("cpu"))
+    trainer.train(ClientCall(model, arrays, data, config, {}, generator, torch.device("cpu")))
     return time.perf_counter() - started
 
 

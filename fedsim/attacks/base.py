@@ -50,8 +50,9 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedsim.attacks.triggers import Trigger
+from fedsim.checks import check, check_number
 from fedsim.data import ClientData
-from fedsim.trainer import ClientState, ClientTrainer, QueryResult, RoundConfig, TrainResult
+from fedsim.trainer import ClientCall, ClientState, ClientTrainer, QueryResult, RoundConfig, TrainResult
 
 STATE_PREFIX = "attack:"  # client-state keys that belong to the attack, never to the wrapped trainer
 POISONED = "poisoned"  # attack-state key: how many samples the attacker poisoned in its last round
@@ -93,9 +94,11 @@ class AttackTrainer(ClientTrainer):
         """``trigger``, or the attack's default kind; one the attack cannot use is refused."""
         if trigger is None and cls.default_trigger is not None:
             trigger = Trigger(cls.default_trigger)
-        if trigger is not None and cls.trigger_kinds is not None and trigger.kind not in cls.trigger_kinds:
+        if trigger is not None and cls.trigger_kinds is not None:
             kinds = " or ".join(map(repr, cls.trigger_kinds))
-            raise ValueError(f"{cls.__name__} takes a {kinds} trigger, got a {trigger.kind!r} one")
+            check(
+                trigger.kind in cls.trigger_kinds, f"{cls.__name__} takes a {kinds} trigger, got a {trigger.kind!r} one"
+            )
         return trigger
 
     def __init__(
@@ -108,21 +111,21 @@ class AttackTrainer(ClientTrainer):
         window: tuple[int, int] | None = None,
     ) -> None:
         trigger = self.chosen_trigger(trigger)
-        if isinstance(trainer, AttackTrainer):
-            raise ValueError("an attacker wraps the strategy's own trainer, not another attacker")
-        if getattr(trainer, "takes_several_models", False):
-            raise ValueError(f"attacks wrap trainers of one model; {type(trainer).__name__} takes several")
-        if not 0.0 <= float(poison_fraction) <= 1.0:
-            raise ValueError(f"poison_fraction must be in [0, 1], got {poison_fraction!r}")
+        check(
+            not isinstance(trainer, AttackTrainer), "an attacker wraps the strategy's own trainer, not another attacker"
+        )
+        check(
+            not getattr(trainer, "takes_several_models", False),
+            f"attacks wrap trainers of one model; {type(trainer).__name__} takes several",
+        )
+        self.poison_fraction = check_number("poison_fraction", poison_fraction, at_least=0, at_most=1)
         if window is not None:
             first, last = (int(r) for r in window)
-            if first > last:
-                raise ValueError(f"an attack window (first, last) needs first <= last, got {window!r}")
+            check(first <= last, f"an attack window (first, last) needs first <= last, got {window!r}")
             window = (first, last)
         self.trainer = trainer
         self.target = int(target)
         self.trigger = trigger
-        self.poison_fraction = float(poison_fraction)
         self.window = window
         self._round: AttackRound | None = None
 
@@ -237,19 +240,12 @@ class AttackTrainer(ClientTrainer):
         own = {key[len(STATE_PREFIX) :]: value for key, value in state.items() if key.startswith(STATE_PREFIX)}
         return inner, own
 
-    def train(
-        self,
-        model: nn.Module,
-        arrays: ArrayRecord,
-        data: ClientData,
-        config: RoundConfig,
-        state: ClientState,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> TrainResult:
-        inner_state, own = self.split_state(state)
+    def train(self, call: ClientCall) -> TrainResult:
+        model, arrays, data, config = call.model, call.arrays, call.data, call.config
+        generator, device = call.generator, call.device
+        inner_state, own = self.split_state(call.state)
         if not self.active(config.server_round):  # the wrapped trainer, exactly
-            result = self.trainer.train(model, arrays, data, config, inner_state, generator, device)
+            result = self.trainer.train(call.replace(state=inner_state))
             own = {**self.remember(arrays, own, config), POISONED: np.array(0)}
             return TrainResult(result.arrays, result.metrics, self.merge_state(result.state, own))
         self._round = step = AttackRound(arrays, config, dict(own), data, device, generator)
@@ -303,11 +299,11 @@ class AttackTrainer(ClientTrainer):
     def send(self, model, state):
         return self.trainer.send(model, state)
 
-    def query(self, model, arrays, data, config, state, device) -> QueryResult:
-        return self.trainer.query(model, arrays, data, config, self.split_state(state)[0], device)
+    def query(self, call: ClientCall) -> QueryResult:
+        return self.trainer.query(call.replace(state=self.split_state(call.state)[0]))
 
-    def predict(self, model, arrays, data, config, state, device) -> torch.Tensor:
-        return self.trainer.predict(model, arrays, data, config, self.split_state(state)[0], device)
+    def predict(self, call: ClientCall) -> torch.Tensor:
+        return self.trainer.predict(call.replace(state=self.split_state(call.state)[0]))
 
     def __getattr__(self, name: str):
         # a trainer's own attributes and helpers (FedWon's clip_lambda, ...) stay reachable;

@@ -57,6 +57,7 @@ from flwr.app import ArrayRecord
 
 from fedsim.attacks.base import AttackRound, AttackTrainer, float_entries, replace_entries
 from fedsim.attacks.triggers import Trigger, reference_size
+from fedsim.checks import check, check_integer, check_positive
 from fedsim.trainer import ClientTrainer
 
 # samples poisoned per batch of 64 in the reference's yamls, by image size (reference_size)
@@ -106,35 +107,35 @@ class DBA(AttackTrainer):
         gap: int | None = None,
     ) -> None:
         part, parts = int(part), int(parts)
-        if not 0 <= part < parts:
-            raise ValueError(f"DBA's part must be in [0, parts), got part = {part}, parts = {parts}")
-        if not float(scale) > 0:
-            raise ValueError(f"DBA's scale must be > 0, got {scale!r}")
-        if local_triggers is not None and int(local_triggers) < 1:
-            raise ValueError(f"DBA's local_triggers must be >= 1, got {local_triggers!r}")
+        check(0 <= part < parts, f"DBA's part must be in [0, parts), got part = {part}, parts = {parts}")
+        scale = check_positive("DBA's scale", scale)
+        if local_triggers is not None:
+            local_triggers = check_integer("DBA's local_triggers", local_triggers, minimum=1)
         if trigger is None:
-            count = int(local_triggers) if local_triggers is not None else parts
+            count = local_triggers if local_triggers is not None else parts
             trigger = Trigger("bars", bars=count, bar=bar, gap=gap)  # checks bar and gap
         else:
             trigger = self.chosen_trigger(trigger)
-            if bar is not None or gap is not None:
-                raise ValueError("DBA's bar and gap shape its default bars; give them on the trigger instead")
+            check(
+                bar is None and gap is None,
+                "DBA's bar and gap shape its default bars; give them on the trigger instead",
+            )
             if trigger.kind == "bars":
-                if local_triggers is not None and int(local_triggers) != trigger.bars:
-                    raise ValueError(
-                        f"DBA's local_triggers = {local_triggers} disagrees with its trigger's {trigger.bars} bars"
-                    )
+                check(
+                    local_triggers is None or local_triggers == trigger.bars,
+                    f"DBA's local_triggers = {local_triggers} disagrees with its trigger's {trigger.bars} bars",
+                )
                 count = trigger.bars
             else:
-                count = int(local_triggers) if local_triggers is not None else parts
-        if parts > 1 and count < parts:
-            raise ValueError(
-                f"DBA's {parts} colluding clients need a local trigger each, got {count}; raise local_triggers"
-            )
+                count = local_triggers if local_triggers is not None else parts
+        check(
+            parts <= 1 or count >= parts,
+            f"DBA's {parts} colluding clients need a local trigger each, got {count}; raise local_triggers",
+        )
         # a lone attacker trains with the global trigger, as the reference's centralized one
         self.local_trigger = trigger if parts == 1 else trigger.split(count)[part]
         self.part, self.parts, self.local_triggers = part, parts, count
-        self.scale = float(scale)
+        self.scale = scale
         super().__init__(
             trainer,
             target=target,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fedsim.attacks.base import AttackTrainer
+from fedsim.checks import check
 from fedsim.trainer import ClientTrainer
 
 
@@ -25,8 +26,10 @@ class LabelFlip(AttackTrainer):
         poison_fraction: float = 1.0,
         window: tuple[int, int] | None = None,
     ) -> None:
-        if source is not None and int(source) == int(target):
-            raise ValueError(f"label flipping needs a source class other than the target ({target})")
+        check(
+            source is None or int(source) != int(target),
+            f"label flipping needs a source class other than the target ({target})",
+        )
         self.source = None if source is None else int(source)
         super().__init__(trainer, target=target, trigger=None, poison_fraction=poison_fraction, window=window)
 

@@ -61,6 +61,7 @@ from torch.nn import functional as F
 
 from fedsim.attacks.base import AttackRound, AttackTrainer
 from fedsim.attacks.triggers import Trigger
+from fedsim.checks import check_integer, check_positive
 from fedsim.trainer import ClientState, ClientTrainer, RoundConfig
 from fedsim.training import batches
 
@@ -196,13 +197,11 @@ class Mirage(AttackTrainer):
             ("detector_batch_size", detector_batch_size, 1),
             ("detector_hidden", detector_hidden, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"Mirage's {key} must be an integer >= {least}, got {value!r}")
+            check_integer(f"Mirage's {key}", value, minimum=least)
         for key, value in (("step", step), ("clamp", clamp), ("detector_lr", detector_lr)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"Mirage's {key} must be a finite number > 0, got {value!r}")
-        if local_epochs is not None and (isinstance(local_epochs, bool) or int(local_epochs) < 1):
-            raise ValueError(f"Mirage's local_epochs must be an integer >= 1 or None, got {local_epochs!r}")
+            check_positive(f"Mirage's {key}", value)
+        if local_epochs is not None:
+            check_integer("Mirage's local_epochs", local_epochs, minimum=1)
         self.iterations = iterations
         self.step_size = float(step)
         self.clamp = float(clamp)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 
 from fedsim.attacks.base import ROUND_EXAMPLES, AttackRound, AttackTrainer, float_entries, replace_entries
 from fedsim.attacks.triggers import Trigger
+from fedsim.checks import check
 from fedsim.trainer import ClientTrainer
 
 EXACT = "exact"
@@ -45,8 +46,10 @@ class ModelReplacement(AttackTrainer):
         poison_fraction: float = 0.125,
         window: tuple[int, int] | None = None,
     ) -> None:
-        if gamma != EXACT and not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma > 0):
-            raise ValueError(f"model replacement's gamma must be 'exact' or a number > 0, got {gamma!r}")
+        check(
+            gamma == EXACT or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma > 0),
+            f"model replacement's gamma must be 'exact' or a number > 0, got {gamma!r}",
+        )
         self.gamma = gamma if gamma == EXACT else float(gamma)
         super().__init__(trainer, target=target, trigger=trigger, poison_fraction=poison_fraction, window=window)
 

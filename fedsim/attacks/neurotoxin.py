@@ -51,6 +51,7 @@ from torch import nn
 
 from fedsim.attacks.base import AttackRound, AttackTrainer, float_entries
 from fedsim.attacks.triggers import Trigger
+from fedsim.checks import check_choice, check_number
 from fedsim.trainer import ClientTrainer, RoundConfig
 from fedsim.training import batches
 
@@ -79,11 +80,8 @@ class Neurotoxin(AttackTrainer):
         direction: Literal["clean_gradient", "global_update"] = "clean_gradient",
         reset_masked: bool = False,
     ) -> None:
-        if not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"Neurotoxin's ratio (the share of coordinates kept) must be in (0, 1], got {ratio!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"Neurotoxin's direction must be 'clean_gradient' or 'global_update', got {direction!r}")
-        self.ratio = float(ratio)
+        self.ratio = check_number("Neurotoxin's ratio (the share of coordinates kept)", ratio, above=0, at_most=1)
+        check_choice("Neurotoxin's direction", direction, DIRECTIONS)
         self.per_layer = bool(per_layer)
         self.direction = direction
         self.reset_masked = bool(reset_masked)

@@ -51,6 +51,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fedsim.checks import check, check_choice, check_integer, check_number
+
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 KINDS = ("patch", "blend", "learnable", "bars")
 
@@ -105,50 +107,53 @@ class Trigger:
     gap: int | None = None  # pixels between bars; None: by image size
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"trigger kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        check_choice("trigger kind", self.kind, KINDS)
         if self.location is None:
             object.__setattr__(self, "location", "top-left" if self.kind == "bars" else "bottom-right")
         if self.kind in ("patch", "bars"):
-            if self.kind == "patch" and int(self.size) < 1:
-                raise ValueError(f"a patch trigger's size must be >= 1, got {self.size!r}")
-            if isinstance(self.location, str) and self.location not in CORNERS:
-                raise ValueError(
+            if self.kind == "patch":
+                check_integer("a patch trigger's size", self.size, minimum=1)
+            if isinstance(self.location, str):
+                check(
+                    self.location in CORNERS,
                     f"a {self.kind} trigger's location must be one of {', '.join(CORNERS)} or (row, col); "
-                    f"got {self.location!r}"
+                    f"got {self.location!r}",
                 )
-            if not isinstance(self.location, str):
-                if len(self.location) != 2:
-                    raise ValueError(
-                        f"a {self.kind} trigger's location (row, col) needs two numbers, got {self.location!r}"
-                    )
+            else:
+                check(
+                    len(self.location) == 2,
+                    f"a {self.kind} trigger's location (row, col) needs two numbers, got {self.location!r}",
+                )
                 object.__setattr__(self, "location", (int(self.location[0]), int(self.location[1])))
         elif self.alpha is None:
             object.__setattr__(self, "alpha", 0.2 if self.kind == "blend" else 0.3)
-        if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"a blend trigger's alpha must be in [0, 1], got {self.alpha!r}")
+        if self.alpha is not None:
+            check_number(f"a {self.kind} trigger's alpha", self.alpha, at_least=0, at_most=1)
         index, parts = self.part
-        if not (parts >= 1 and 0 <= index < parts):
-            raise ValueError(f"a trigger's part (i, k) needs 0 <= i < k, got {self.part!r}")
-        if parts > 1 and self.kind not in ("patch", "bars"):
-            raise ValueError("only a patch or bars trigger is split into parts")
+        check(parts >= 1 and 0 <= index < parts, f"a trigger's part (i, k) needs 0 <= i < k, got {self.part!r}")
+        check(parts == 1 or self.kind in ("patch", "bars"), "only a patch or bars trigger is split into parts")
         self._check_bars()
 
     def _check_bars(self) -> None:
         if self.kind != "bars":
-            if self.bar is not None or self.gap is not None:
-                raise ValueError(f"bar and gap shape a bars trigger; this one is a {self.kind!r} trigger")
+            check(
+                self.bar is None and self.gap is None,
+                f"bar and gap shape a bars trigger; this one is a {self.kind!r} trigger",
+            )
             return
-        if int(self.bars) < 1:
-            raise ValueError(f"a bars trigger needs bars >= 1, got {self.bars!r}")
+        check_integer("a bars trigger's bars", self.bars, minimum=1)
         if self.bar is not None:
-            if len(self.bar) != 2 or min(int(n) for n in self.bar) < 1:
-                raise ValueError(f"a bar is (height, width), both >= 1; got {self.bar!r}")
+            check(
+                len(self.bar) == 2 and min(int(n) for n in self.bar) >= 1,
+                f"a bar is (height, width), both >= 1; got {self.bar!r}",
+            )
             object.__setattr__(self, "bar", (int(self.bar[0]), int(self.bar[1])))
-        if self.gap is not None and int(self.gap) < 0:
-            raise ValueError(f"the gap between bars must be >= 0, got {self.gap!r}")
-        if self.part[1] not in (1, int(self.bars)):
-            raise ValueError(f"a trigger of {self.bars} bars has parts (i, {self.bars}), got {self.part!r}")
+        if self.gap is not None:
+            check_integer("the gap between bars", self.gap, minimum=0)
+        check(
+            self.part[1] in (1, int(self.bars)),
+            f"a trigger of {self.bars} bars has parts (i, {self.bars}), got {self.part!r}",
+        )
 
     # -- where a patch lands ------------------------------------------------------------
     def origin(self, height: int, width: int) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from fedsim.attacks.base import AttackTrainer
 from fedsim.attacks.triggers import Trigger
 from fedsim.data import Dataset
 from fedsim.observers.base import Observer
+from fedsim.protocols import Filtering
 from fedsim.results import GLOBAL_TEST, MetricRow
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
@@ -153,7 +154,7 @@ class AttackMetrics(Observer):
 
     def on_train_aggregated(self, context, server_round, strategy, replies, metrics):
         # a filtering defence's verdict; a rule that keeps every reply gives none
-        accepted = getattr(strategy, "last_accepted", None) if getattr(strategy, "filters", True) else None
+        accepted = strategy.last_accepted if isinstance(strategy, Filtering) and strategy.filters else None
         return self.detection_rows(
             server_round,
             [context.clients[reply.metadata.src_node_id] for reply in replies],

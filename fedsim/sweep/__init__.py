@@ -40,6 +40,7 @@ from fedsim.sweep.plan import (
     MANIFEST,
     RunOutcome,
     RunTask,
+    SweepBackend,
     SweepManifest,
     SweepResult,
     SweepRun,
@@ -60,6 +61,7 @@ __all__ = [
     "RunTask",
     "StopSignals",
     "SweepInterrupted",
+    "SweepBackend",
     "SweepResult",
     "SweepRun",
     "SweepSpec",
@@ -76,7 +78,7 @@ __all__ = [
     "toml_value",
 ]
 
-BACKENDS = ("process", "ray")
+BACKENDS: dict[str, SweepBackend] = {"process": run_in_processes, "ray": run_on_ray}
 
 
 def run_sweep(
@@ -128,8 +130,7 @@ def run_sweep(
                     advance(outcome)
 
             if tasks and not stop.received:
-                execute = run_in_processes if backend == "process" else run_on_ray
-                stopped = execute(tasks, workers, address, on_outcome, stop)
+                stopped = BACKENDS[backend](tasks, workers, address, on_outcome, stop)
         for task in stopped:  # a worker killed mid-write leaves its temporary file
             remove_temporary_files(Path(task.path))
         result = SweepResult(out, manifest.outcomes())

@@ -8,9 +8,10 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedsim import atomic
 from fedsim.build import load_experiment
@@ -48,6 +49,22 @@ class RunOutcome:
     status: str  # "done", "resumed", "skipped" or "failed"
     error: str | None = None
     wall_time_s: float | None = None
+
+
+class SweepBackend(Protocol):
+    """How a sweep's runs are run (worker processes, Ray tasks): every task, ``workers`` at a
+    time, each outcome handed to ``on_outcome`` as it comes; on a stop signal (``stop``:
+    :class:`fedsim.sweep.processes.StopSignals`) the runs under way stop at a point they
+    resume from, and come back as the result."""
+
+    def __call__(
+        self,
+        tasks: list[RunTask],
+        workers: int | None,
+        address: str | None,
+        on_outcome: Callable[[RunOutcome], None],
+        stop: Any,
+    ) -> list[RunTask]: ...
 
 
 @dataclass(frozen=True)

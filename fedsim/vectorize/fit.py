@@ -6,12 +6,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsim.data import ClientData
 from fedsim.errors import UserError
-from fedsim.trainer import ClientState, ClientTrainer, RoundConfig, TrainResult
+from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig, TrainResult
 from fedsim.vectorize.batches import StackedClients, batch_schedules
 from fedsim.vectorize.layers import Unsupported
 from fedsim.vectorize.plan import plan_for
@@ -249,20 +248,20 @@ def fit_clients(
     return results
 
 
-def train_clients(
-    trainer: ClientTrainer,
-    model: nn.Module,
-    arrays: Sequence[ArrayRecord],
-    data: Sequence[ClientData],
-    configs: RoundConfig | Sequence[RoundConfig],
-    states: Sequence[ClientState],
-    generators: Sequence[torch.Generator],
-    device: torch.device | str,
-) -> list[TrainResult]:
-    """:meth:`ClientTrainer.train` for K clients at once: each client's ``receive`` (its
-    arrays and state loaded into ``model``, FedBN's own BatchNorm layers included), one
-    :func:`fit_clients`, then each client's ``send``. Same result as calling
-    ``trainer.train`` client after client, for a trainer :func:`vectorizable` accepts."""
+def train_clients(trainer: ClientTrainer, calls: Sequence[ClientCall]) -> list[TrainResult]:
+    """:meth:`ClientTrainer.train` for K calls at once (one model, one device, the first
+    call's): each client's ``receive`` (its arrays and state loaded into the model, FedBN's
+    own BatchNorm layers included), one :func:`fit_clients`, then each client's ``send``.
+    Same result as calling ``trainer.train`` call after call, for a trainer
+    :func:`vectorizable` accepts."""
+    if not calls:
+        return []
+    model, device = calls[0].model, calls[0].device
+    arrays = [call.arrays for call in calls]
+    states = [call.state for call in calls]
+    data = [call.data for call in calls]
+    configs = [call.config for call in calls]
+    generators = [call.generator for call in calls]
     starts = []
     for client_arrays, state in zip(arrays, states, strict=True):
         trainer.receive(model, client_arrays, state)

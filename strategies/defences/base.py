@@ -59,7 +59,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsim import multimodel
+from fedsim.checks import check, check_integer
 from fedsim.notices import warn
+from fedsim.protocols import Stateful
 from fedsim.seeding import derive_seed
 
 STATE_PREFIX = "defence."
@@ -154,12 +156,6 @@ def cosine_similarities(vectors: np.ndarray) -> np.ndarray:
     return np.clip(unit @ unit.T, -1.0, 1.0)
 
 
-def check(condition: bool, message: str) -> None:
-    """A parameter check: ValueError(message) when ``condition`` fails."""
-    if not condition:
-        raise ValueError(message)
-
-
 class Defence(Strategy):
     """A robust aggregation wrapped around any Flower strategy (see the module docstring).
 
@@ -196,7 +192,7 @@ class Defence(Strategy):
             not isinstance(strategy, Defence),
             f"strategy is already defended by {type(strategy).__name__}; defences do not stack",
         )
-        check(isinstance(seed, int) and not isinstance(seed, bool), f"seed must be an integer, got {seed!r}")
+        check_integer("seed", seed)
         self.strategy = strategy
         self.seed = seed
         self.global_arrays: ArrayRecord | None = None  # what the last configure_train sent
@@ -266,17 +262,15 @@ class Defence(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped strategy's state, plus the defence's under ``defence.`` keys."""
-        inner = getattr(self.strategy, "state_dict", None)
-        state = dict(inner()) if callable(inner) else {}
+        state = dict(self.strategy.state_dict()) if isinstance(self.strategy, Stateful) else {}
         state.update({STATE_PREFIX + key: value for key, value in self.defence_state().items()})
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         own = {key[len(STATE_PREFIX) :]: value for key, value in state.items() if key.startswith(STATE_PREFIX)}
         inner = {key: value for key, value in state.items() if not key.startswith(STATE_PREFIX)}
-        load = getattr(self.strategy, "load_state_dict", None)
-        if callable(load):
-            load(inner)
+        if isinstance(self.strategy, Stateful):
+            self.strategy.load_state_dict(inner)
         elif inner:
             raise ValueError(
                 f"the state holds {sorted(inner)[:3]} for {type(self.strategy).__name__}, which keeps none"

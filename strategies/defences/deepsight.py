@@ -3,7 +3,6 @@ Federated Learning Through Deep Model Inspection", NDSS 2022)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,8 +12,9 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 from sklearn.cluster import HDBSCAN
 
+from fedsim.checks import check, check_callable, check_integer, check_number
 from fedsim.seeding import derive_seed
-from strategies.defences.base import Aggregate, Defence, ServerResources, Updates, check, clip_to, mean_update
+from strategies.defences.base import Aggregate, Defence, ServerResources, Updates, clip_to, mean_update
 from strategies.defences.flame import cosine_distances
 
 
@@ -204,11 +204,8 @@ class DeepSight(Defence):
         **kwargs,
     ) -> None:
         super().__init__(strategy, **kwargs)
-        check(isinstance(tau, (int, float)) and 0 < tau <= 1, f"tau must be in (0, 1], got {tau!r}")
-        check(
-            isinstance(threshold_factor, (int, float)) and math.isfinite(threshold_factor) and threshold_factor >= 0,
-            f"threshold_factor must be a finite number >= 0, got {threshold_factor!r}",
-        )
+        check_number("tau", tau, above=0, at_most=1)
+        check_number("threshold_factor", threshold_factor, at_least=0)
         for key, value, least in (
             ("num_seeds", num_seeds, 0),
             ("num_samples", num_samples, 1),
@@ -216,15 +213,12 @@ class DeepSight(Defence):
             ("min_samples", min_samples, 1),
             ("batch_size", batch_size, 1),
         ):
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= least,
-                f"{key} must be an integer >= {least}, got {value!r}",
-            )
+            check_integer(key, value, minimum=least)
         if num_seeds > 0:
-            check(
-                callable(model_fn),
-                "model_fn must be a callable that builds the model (DeepSight's DDifs run it); "
-                "num_seeds = 0 leaves DDifs out",
+            check_callable(
+                "model_fn",
+                model_fn,
+                "a callable that builds the model (DeepSight's DDifs run it; num_seeds = 0 leaves them out)",
             )
             check(
                 isinstance(input_shape, (tuple, list))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 from sklearn.cluster import HDBSCAN
 
-from strategies.defences.base import Aggregate, Defence, Updates, check, clip_to, cosine_similarities, mean_update
+from fedsim.checks import check_bool, check_choice, check_number
+from strategies.defences.base import Aggregate, Defence, Updates, clip_to, cosine_similarities, mean_update
 
 
 def majority_cluster(distances: np.ndarray, min_cluster_size: int) -> list[int]:
@@ -111,17 +111,9 @@ class FLAME(Defence):
         **kwargs,
     ) -> None:
         super().__init__(strategy, **kwargs)
-        check(
-            isinstance(include_statistics, bool),
-            f"include_statistics must be true or false, got {include_statistics!r}",
-        )
-        self.include_statistics = include_statistics
-        check(
-            isinstance(noise_lambda, (int, float)) and math.isfinite(noise_lambda) and noise_lambda >= 0,
-            f"noise_lambda must be a finite number >= 0, got {noise_lambda!r}",
-        )
-        check(cluster_on in ("updates", "models"), f"cluster_on must be 'updates' or 'models', got {cluster_on!r}")
-        self.noise_lambda = float(noise_lambda)
+        self.include_statistics = check_bool("include_statistics", include_statistics)
+        self.noise_lambda = check_number("noise_lambda", noise_lambda, at_least=0)
+        check_choice("cluster_on", cluster_on, ("updates", "models"))
         self.cluster_on = cluster_on
         self.last_bound = 0.0  # the last round's clipping bound S
         self.last_noise_std = 0.0  # and its noise's standard deviation, noise_lambda * S

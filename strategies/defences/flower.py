@@ -31,17 +31,11 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from strategies.defences.base import Aggregate, Defence, Updates, check
+from fedsim.checks import check, check_bool, check_integer, check_number
+from strategies.defences.base import Aggregate, Defence, Updates
 
 UPDATE, WEIGHT = "update", "weight"  # the array and metric keys of the replies Flower's class sees
 F_HELP = "f, the number of malicious clients the rule must tolerate"
-
-
-def _count(value: object, name: str, least: int) -> None:
-    check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= least,
-        f"{name} must be an integer >= {least}, got {value!r}",
-    )
 
 
 def update_replies(updates: Updates) -> list[Message]:
@@ -66,11 +60,7 @@ class FlowerRule(Defence):
 
     def __init__(self, strategy: Strategy, *, seed: int = 0, include_statistics: bool = False, **flower_options):
         super().__init__(strategy, seed=seed)
-        check(
-            isinstance(include_statistics, bool),
-            f"include_statistics must be true or false, got {include_statistics!r}",
-        )
-        self.include_statistics = include_statistics
+        self.include_statistics = check_bool("include_statistics", include_statistics)
         self.rule = self.flower_class(weighted_by_key=WEIGHT, **flower_options)
         self._chosen: list[RecordDict] | None = None  # what a selection rule picked, by identity
 
@@ -120,7 +110,7 @@ class FlowerMultiKrum(FlowerRule):
     def __init__(
         self, strategy: Strategy, *, num_malicious_nodes: int, num_nodes_to_select: int | None = None, **kwargs
     ) -> None:
-        _count(num_malicious_nodes, "num_malicious_nodes", 0)
+        check_integer("num_malicious_nodes", num_malicious_nodes, minimum=0)
         if num_nodes_to_select is None:
             check(
                 num_malicious_nodes >= 1,
@@ -128,7 +118,7 @@ class FlowerMultiKrum(FlowerRule):
                 "a plain mean; set num_malicious_nodes >= 1, or num_nodes_to_select",
             )
         else:
-            _count(num_nodes_to_select, "num_nodes_to_select", 1)
+            check_integer("num_nodes_to_select", num_nodes_to_select, minimum=1)
         self.num_nodes_to_select = num_nodes_to_select
         super().__init__(strategy, num_malicious_nodes=num_malicious_nodes, num_nodes_to_select=1, **kwargs)
 
@@ -184,7 +174,7 @@ class FlowerKrum(FlowerMultiKrum):
     def __init__(
         self, strategy: Strategy, *, num_malicious_nodes: int, seed: int = 0, include_statistics: bool = False
     ) -> None:
-        _count(num_malicious_nodes, "num_malicious_nodes", 0)
+        check_integer("num_malicious_nodes", num_malicious_nodes, minimum=0)
         self.num_nodes_to_select = 1
         FlowerRule.__init__(
             self, strategy, seed=seed, include_statistics=include_statistics, num_malicious_nodes=num_malicious_nodes
@@ -213,10 +203,8 @@ class FlowerTrimmedAvg(FlowerRule):
     filters = False
 
     def __init__(self, strategy: Strategy, *, beta: float = 0.2, **kwargs) -> None:
-        check(
-            isinstance(beta, (int, float)) and 0 < beta < 0.5,
-            f"beta must be in (0, 0.5), got {beta!r} (beta = 0 trims nothing: a plain mean)",
-        )
+        check(isinstance(beta, bool) or beta != 0, "beta = 0 trims nothing: a plain mean; set beta in (0, 0.5)")
+        check_number("beta", beta, above=0, below=0.5)
         super().__init__(strategy, beta=beta, **kwargs)
 
     def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:
@@ -243,7 +231,7 @@ class FlowerBulyan(FlowerRule):
     required_help = {"num_malicious_nodes": F_HELP + " (>= 1); Bulyan needs n >= 4f + 3 clients per round"}
 
     def __init__(self, strategy: Strategy, *, num_malicious_nodes: int, **kwargs) -> None:
-        _count(num_malicious_nodes, "num_malicious_nodes", 0)
+        check_integer("num_malicious_nodes", num_malicious_nodes, minimum=0)
         check(
             num_malicious_nodes >= 1,
             "num_malicious_nodes = 0 makes Bulyan keep every update and every coordinate: an unweighted mean; "

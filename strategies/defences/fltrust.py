@@ -13,9 +13,10 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 from torch.nn import functional as F
 
+from fedsim.checks import check, check_callable, check_integer, check_number, check_positive
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.training import batches
-from strategies.defences.base import Aggregate, Defence, ServerResources, Updates, check
+from strategies.defences.base import Aggregate, Defence, ServerResources, Updates
 
 ROOT_SET_SIZE = 100  # the paper's root set, drawn from the training data
 
@@ -80,10 +81,11 @@ class FLTrust(Defence):
 
     def __init__(self, strategy: Strategy, *, root_update: RootUpdate, **kwargs) -> None:
         super().__init__(strategy, **kwargs)
-        check(
-            callable(root_update),
-            "root_update must be a callable (global arrays, server round) -> arrays trained on the root set; "
-            "strategies.defences.fltrust.root_trainer builds one",
+        check_callable(
+            "root_update",
+            root_update,
+            "a callable (global arrays, server round) -> arrays trained on the root set "
+            "(strategies.defences.fltrust.root_trainer builds one)",
         )
         self.root_update = root_update
         self.last_trust: dict[int, float] = {}
@@ -126,17 +128,16 @@ def root_trainer(
     torch model; keys the global arrays lack (FedBN's BatchNorm) keep its initial values.
     Shuffling and any dropout are seeded by (``seed``, round) without touching torch's
     global generator."""
-    check(callable(model_fn), f"model_fn must be callable, got {type(model_fn).__name__}")
+    check_callable("model_fn", model_fn)
     check(len(x) == len(y), f"x and y must have the same length, got {len(x)} and {len(y)}")
     check(len(y) >= 1, "the root set (x, y) must hold at least one example")
-    check(isinstance(lr, (int, float)) and lr > 0, f"lr must be > 0, got {lr!r}")
-    check(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
-    check(steps is None or (isinstance(steps, int) and steps >= 1), f"steps must be an integer >= 1, got {steps!r}")
-    check(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an integer >= 1, got {batch_size!r}")
-    check(isinstance(momentum, (int, float)) and 0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum!r}")
-    check(
-        isinstance(weight_decay, (int, float)) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}"
-    )
+    check_positive("lr", lr)
+    check_integer("epochs", epochs, minimum=1)
+    if steps is not None:
+        check_integer("steps", steps, minimum=1)
+    check_integer("batch_size", batch_size, minimum=1)
+    check_number("momentum", momentum, at_least=0, below=1)
+    check_number("weight_decay", weight_decay, at_least=0)
     x_root = torch.as_tensor(np.asarray(x, np.float32))
     y_root = torch.as_tensor(np.asarray(y), dtype=torch.long)
 

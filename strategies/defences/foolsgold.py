@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
-from strategies.defences.base import Aggregate, Defence, Updates, check, clip_to, cosine_similarities, mean_update
+from fedsim.checks import check_bool, check_positive
+from strategies.defences.base import Aggregate, Defence, Updates, clip_to, cosine_similarities, mean_update
 
 # the reference code's guard, added to each client's maximum similarity (so that pardoning
 # never divides by 0) and inside the logit's log (so that alpha = 0 gives a finite, negative
@@ -78,13 +78,8 @@ class FoolsGold(Defence):
 
     def __init__(self, strategy: Strategy, *, kappa: float = 1.0, clip_updates: bool = True, **kwargs) -> None:
         super().__init__(strategy, **kwargs)
-        check(
-            isinstance(kappa, (int, float)) and math.isfinite(kappa) and kappa > 0,
-            f"kappa must be a finite number > 0, got {kappa!r}",
-        )
-        check(isinstance(clip_updates, bool), f"clip_updates must be true or false, got {clip_updates!r}")
-        self.kappa = float(kappa)
-        self.clip_updates = clip_updates
+        self.kappa = check_positive("kappa", kappa)
+        self.clip_updates = check_bool("clip_updates", clip_updates)
         self.history: dict[int, np.ndarray] = {}  # node id -> the sum of its (clipped) updates
 
     def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:

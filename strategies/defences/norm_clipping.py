@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from flwr.serverapp.strategy import Strategy
 
-from strategies.defences.base import Aggregate, Defence, Updates, check, clip_to, mean_update
+from fedsim.checks import check_positive
+from strategies.defences.base import Aggregate, Defence, Updates, clip_to, mean_update
 
 
 class NormClipping(Defence):
@@ -24,11 +23,7 @@ class NormClipping(Defence):
 
     def __init__(self, strategy: Strategy, *, clip_norm: float = 5.0, **kwargs) -> None:
         super().__init__(strategy, **kwargs)
-        check(
-            isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0,
-            f"clip_norm must be a finite number > 0, got {clip_norm!r}",
-        )
-        self.clip_norm = float(clip_norm)
+        self.clip_norm = check_positive("clip_norm", clip_norm)
 
     def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:
         clipped = clip_to(updates.vectors, self.clip_norm)

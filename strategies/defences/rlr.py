@@ -3,14 +3,14 @@ Federated Learning with Robust Learning Rate", AAAI 2021)."""
 
 from __future__ import annotations
 
-import math
 from logging import WARNING
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from strategies.defences.base import Aggregate, Defence, Updates, check, mean_update
+from fedsim.checks import check, check_integer, check_positive
+from strategies.defences.base import Aggregate, Defence, Updates, mean_update
 
 
 class RLR(Defence):
@@ -45,20 +45,12 @@ class RLR(Defence):
     def __init__(self, strategy: Strategy, *, threshold: int = 4, server_lr: float = 1.0, **kwargs) -> None:
         super().__init__(strategy, **kwargs)
         check(
-            isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 1,
-            f"threshold must be an integer >= 2, got {threshold!r}",
-        )
-        check(
-            threshold >= 2,
+            isinstance(threshold, bool) or threshold != 1,
             "threshold = 1 reverses only the coordinates whose signs cancel exactly (none with an odd number of "
             "clients): FedAvg; set threshold >= 2",
         )
-        check(
-            isinstance(server_lr, (int, float)) and math.isfinite(server_lr) and server_lr > 0,
-            f"server_lr must be a finite number > 0, got {server_lr!r}",
-        )
-        self.threshold = threshold
-        self.server_lr = float(server_lr)
+        self.threshold = check_integer("threshold", threshold, minimum=2)
+        self.server_lr = check_positive("server_lr", server_lr)
 
     def min_clients(self) -> int:
         return self.threshold

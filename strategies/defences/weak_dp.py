@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from flwr.serverapp.strategy import Strategy
 
-from strategies.defences.base import Aggregate, Updates, check
+from fedsim.checks import check_number
+from strategies.defences.base import Aggregate, Updates
 from strategies.defences.norm_clipping import NormClipping
 
 
@@ -31,11 +30,7 @@ class WeakDP(NormClipping):
 
     def __init__(self, strategy: Strategy, *, clip_norm: float = 5.0, noise_std: float = 0.025, **kwargs) -> None:
         super().__init__(strategy, clip_norm=clip_norm, **kwargs)
-        check(
-            isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0,
-            f"noise_std must be a finite number >= 0, got {noise_std!r}",
-        )
-        self.noise_std = float(noise_std)
+        self.noise_std = check_number("noise_std", noise_std, at_least=0)
 
     def aggregate_updates(self, server_round: int, updates: Updates) -> Aggregate:
         result = super().aggregate_updates(server_round, updates)
