@@ -222,4 +222,26 @@ def measure_skew(partition: Partition, embeddings: np.ndarray | None = None) -> 
     }
     for column in table.columns.drop(["client", "size"]):
         summary[f"mean_{column}"] = float(table[column].mean())
+    for name, group_ids in sorted(partition.groups.items()):
+        summary.update(group_label_agreement(name, np.asarray(group_ids), partition.labels))
     return SkewReport(table, summary)
+
+
+def group_label_agreement(name: str, group_ids: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How much a grouping of the samples (an embedding split's clusters, domains) says
+    about their labels: ``purity_<name>``, the share of samples whose group's most common
+    label is their own, and ``nmi_<name>``, the normalised mutual information of groups and
+    labels (1: the groups are the classes, 0: independent). Samples without a group (a
+    negative id: a public share held out) are left out."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    grouped = group_ids >= 0
+    groups, classes = group_ids[grouped].astype(np.int64), np.asarray(labels)[grouped].astype(np.int64)
+    if len(groups) == 0:
+        return {}
+    counts = np.zeros((groups.max() + 1, classes.max() + 1), np.int64)
+    np.add.at(counts, (groups, classes), 1)
+    return {
+        f"purity_{name}": float(counts.max(axis=1).sum() / len(groups)),
+        f"nmi_{name}": float(normalized_mutual_info_score(classes, groups)),
+    }

@@ -9,6 +9,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from fedsim.models.norm import Norm, norm1d
+
 Width = Annotated[int, Field(ge=1)]
 """A layer's width (units or channels): at least 1, as PyTorch cannot build an empty layer."""
 
@@ -37,14 +39,30 @@ class Linear(nn.Module):
 
 
 class MLP(nn.Module):
-    """A multilayer perceptron on flattened inputs."""
+    """A multilayer perceptron on flattened inputs; ``norm`` ("none", "bn", "gn", "ln")
+    follows every hidden layer with that normalisation (FedBN and FRAug keep BatchNorm
+    on the clients, on frozen features too)."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[Width, ...] = (200, 200)) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        hidden: tuple[Width, ...] = (200, 200),
+        norm: Norm = "none",
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU()]
+            layers += (
+                [nn.Linear(width, size), nn.ReLU()]
+                if norm == "none"
+                else [
+                    nn.Linear(width, size),
+                    norm1d(norm, size),
+                    nn.ReLU(),
+                ]
+            )
             width = size
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
