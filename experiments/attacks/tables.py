@@ -53,6 +53,8 @@ def rows_of(folder: Path) -> dict[str, list[dict]]:
         summary_path = run / "summary.json"
         if not run.is_dir() or not summary_path.exists() or not SEED.search(run.name):
             continue
+        if run.name.startswith("control-"):  # trigger_control.py's runs without attackers
+            continue
         found = DEFENCE.search(run.name)
         key = found.group(1) if found else folder.name.removesuffix("-sweep")
         groups.setdefault(key, []).append(figures(json.loads(summary_path.read_text())))
