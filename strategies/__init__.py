@@ -28,6 +28,14 @@ STRATEGIES = LazyRegistry(
         "oracle": "strategies.oracle:ConceptOracle",
         "ggeur": "strategies.ggeur:GGEUR",
         "fraug": "strategies.fraug:FRAug",
+        "fedccfa": "strategies.fedccfa:FedCCFA",
+        "fedem": "strategies.fedem:FedEM",
+        "fedrc": "strategies.fedrc:FedRC",
+        "feddrift": "strategies.feddrift:FedDrift",
+        "feddrift-eager": "strategies.feddrift:FedDriftEager",
+        "cfl": "strategies.cfl:CFL",
+        "adaptive-fedavg": "strategies.adaptive_fedavg:AdaptiveFedAvg",
+        "flash": "strategies.flash:Flash",
     }
 )
 _CLASSES = {
@@ -41,6 +49,14 @@ _CLASSES = {
     "ConceptOracle": "oracle",
     "GGEUR": "ggeur",
     "FRAug": "fraug",
+    "FedCCFA": "fedccfa",
+    "FedEM": "fedem",
+    "FedRC": "fedrc",
+    "FedDrift": "feddrift",
+    "FedDriftEager": "feddrift-eager",
+    "CFL": "cfl",
+    "AdaptiveFedAvg": "adaptive-fedavg",
+    "Flash": "flash",
 }
 
 
@@ -52,6 +68,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "STRATEGIES",
+    "AdaptiveFedAvg",
+    "CFL",
     "ConceptOracle",
     "FedAvg",
     "FedAvgHistory",
@@ -60,6 +78,12 @@ __all__ = [
     "FedProx",
     "FedWon",
     "FRAug",
+    "FedCCFA",
+    "Flash",
+    "FedDrift",
+    "FedDriftEager",
+    "FedEM",
+    "FedRC",
     "GGEUR",
     "IFCA",
 ]

@@ -26,7 +26,8 @@ through the slot's rounds:
    model j is trained on the w_ij-weighted loss; the server averages model j weighted by
    each client's total w_ij (``aggregation = "soft"``) or by its sample count
    (``"samples"``, the authors' code). A client predicts with the mixture
-   sum_j pi_j softmax(f_j(x)).
+   sum_j pi_j softmax(f_j(x)). The E-step, the M-step, P_j(y) and the mixture's
+   prediction are FedRC's and FedEM's too (:mod:`strategies.soft_clustering`).
 
 The prototype model is model 0 (``prototype_model = "first"``, the authors' code) or the
 mixture of all models with uniform weights (``"mixture"``). Where the code departs from
@@ -43,20 +44,25 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from torch import nn
 
 from fedsim import multimodel
 from fedsim.checks import check, check_choice, check_integer
 from fedsim.data import ClientData
-from fedsim.trainer import DRIFT_FROM_SLOT, REAL_DRIFT, TIME_SLOT, ClientCall, ClientState, QueryResult, RoundConfig
-from fedsim.training import batches
+from fedsim.trainer import DRIFT_FROM_SLOT, REAL_DRIFT, TIME_SLOT, ClientCall, ClientState, QueryResult
 from strategies import history
-from strategies.clustered import SeveralModels, SeveralModelsTrainer
+from strategies.clustered import SeveralModels
+from strategies.soft_clustering import (
+    LABEL_COUNTS,
+    SoftClusteringTrainer,
+    assignment,
+    label_prior,
+    prior_or_uniform,
+    soft_label_counts,
+)
 
 STAGE = "feddaa-stage"  # which query: "prototypes", then "detect"
 CENTRES = "feddaa-centres"  # the KMeans centres, flattened, in the detect query
 LABEL_PRIOR = "feddaa-label-prior"  # P_j(y), flattened (models x classes), in the train config
-LABEL_COUNTS = "label-counts"  # a client's soft label counts, flattened, a train metric
 PI, PI_SLOT = "feddaa/pi", "feddaa/pi-slot"
 
 
@@ -74,14 +80,7 @@ def nearest(centres: np.ndarray, point: np.ndarray) -> int:
     return int(np.argmin(((centres - point) ** 2).sum(axis=1)))
 
 
-def assignment(losses: torch.Tensor, y: np.ndarray, pi: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """w (n x K): softmax_j(log pi_j - loss_j(x_i, y_i) - log P_j(y_i)) (FedRC's E-step)."""
-    log_pi = torch.log(torch.as_tensor(pi, dtype=torch.float64).clamp_min(1e-300)).unsqueeze(0)
-    log_prior = torch.log(torch.as_tensor(prior[:, y].T, dtype=torch.float64))
-    return torch.softmax(log_pi - losses - log_prior, dim=1).numpy()
-
-
-class FedDAATrainer(SeveralModelsTrainer):
+class FedDAATrainer(SoftClusteringTrainer):
     """FedDAA's client: prototypes and drift verdicts on query, soft-clustered training."""
 
     def _prototype(self, model, models, x, y, config, device) -> np.ndarray:
@@ -103,15 +102,6 @@ class FedDAATrainer(SeveralModelsTrainer):
         drift = nearest(centres, then) != nearest(centres, now)
         return QueryResult(metrics={DRIFT_FROM_SLOT: float(data.slot - 1), REAL_DRIFT: float(drift)})
 
-    def losses(self, model, models, x, y, device) -> torch.Tensor:
-        """Per-sample cross-entropy of every model (n x K), in eval mode."""
-        target = torch.as_tensor(y)
-        per_model = [
-            nn.functional.cross_entropy(self.logits_of(model, record, x, device), target, reduction="none")
-            for record in models
-        ]
-        return torch.stack(per_model, dim=1).double()
-
     @staticmethod
     def mixture(state: ClientState, data: ClientData, num_models: int) -> np.ndarray | None:
         """The client's pi for the current slot, or None (a new slot or a new model count)."""
@@ -128,15 +118,14 @@ class FedDAATrainer(SeveralModelsTrainer):
         state = history.update(state, data, keep=not drift, bound=int(config.extra.get("history-size", 0)))
         train = history.merged(state, data)
         losses = self.losses(model, models, train.x_train, train.y_train, device)
-        classes = self.logits_of(model, models[0], train.x_train[:1], device).shape[1]
+        classes = self.num_classes(model, models, train.x_train, device)
         pi = self.mixture(state, data, num_models)
         pi = np.full(num_models, 1.0 / num_models) if pi is None else pi
-        prior = np.asarray(config.extra.get(LABEL_PRIOR, []), np.float64)
-        if prior.size != num_models * classes:  # a slot's first round: no estimate yet
-            prior = np.full(num_models * classes, 1.0 / classes)
-        weights = assignment(losses, train.y_train, pi, prior.reshape(num_models, classes))
+        # a slot's first round has no estimate yet: uniform
+        prior = prior_or_uniform(config.extra.get(LABEL_PRIOR), num_models, classes)
+        weights = assignment(losses, train.y_train, pi, prior)
         pi = weights.mean(axis=0)
-        counts = np.stack([weights[train.y_train == label].sum(axis=0) for label in range(classes)], axis=1)
+        counts = soft_label_counts(weights, train.y_train, classes)
         trained, fitted = {}, []
         for j, record in enumerate(models):
             if pi[j] <= 0:
@@ -156,25 +145,6 @@ class FedDAATrainer(SeveralModelsTrainer):
         }
         return trained, per_model, metrics, state
 
-    def fit_weighted(self, model, data: ClientData, w: np.ndarray, config: RoundConfig, generator, device) -> float:
-        """Local epochs of SGD on sum_i w_i * CE(x_i, y_i) / batch size (FedRC's M-step)."""
-        x = torch.as_tensor(data.x_train).to(device)
-        y = torch.as_tensor(data.y_train).to(device)
-        weights = torch.as_tensor(w, dtype=torch.float32).to(device)
-        optimizer = self.make_optimizer(model, config)
-        model.train()
-        total, seen = 0.0, 0
-        for _ in range(config.local_epochs):
-            for xb, index in batches(x, torch.arange(len(y), device=device), config.batch_size, generator):
-                optimizer.zero_grad()
-                per_sample = nn.functional.cross_entropy(model(xb), y[index], reduction="none")
-                loss = (weights[index] * per_sample).sum() / len(index)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(index)
-                seen += len(index)
-        return total / max(seen, 1)
-
     def predict_models(self, call: ClientCall, models: list[ArrayRecord]) -> torch.Tensor:
         """log sum_j pi_j softmax(f_j(x)): the mixture's log-probabilities as logits. A
         client that has not trained in this slot fits its pi on its training data first
@@ -183,15 +153,10 @@ class FedDAATrainer(SeveralModelsTrainer):
         pi = self.mixture(state, data, len(models))
         if pi is None:
             losses = self.losses(model, models, data.x_train, data.y_train, device)
-            classes = self.logits_of(model, models[0], data.x_train[:1], device).shape[1]
+            classes = self.num_classes(model, models, data.x_train, device)
             uniform = np.full((len(models), classes), 1.0 / classes)
             pi = assignment(losses, data.y_train, np.full(len(models), 1.0 / len(models)), uniform).mean(axis=0)
-        probabilities = sum(
-            weight * torch.softmax(self.logits_of(model, record, data.x_test, device), dim=1)
-            for weight, record in zip(pi, models)
-            if weight > 0
-        )
-        return torch.log(probabilities.clamp_min(1e-12))
+        return self.mixture_logits(model, models, pi, data.x_test, device)
 
 
 # -- the server -------------------------------------------------------------------------
@@ -312,9 +277,7 @@ class FedDAA(SeveralModels):
         config["history-size"] = self.history_size
         config["aggregation"] = self.aggregation
         if self.label_counts:
-            totals = np.sum(list(self.label_counts.values()), axis=0).reshape(self.active, -1)
-            totals = np.maximum(totals, 1e-8)
-            config[LABEL_PRIOR] = (totals / totals.sum(axis=1, keepdims=True)).ravel().tolist()
+            config[LABEL_PRIOR] = label_prior(self.label_counts.values(), self.active).ravel().tolist()
         self._full = arrays
         return super().configure_train(server_round, self._active_arrays(arrays), config, grid)
 
