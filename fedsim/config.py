@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import UserError
 from fedsim.registry import did_you_mean, first_error_line
@@ -76,7 +76,10 @@ class PartitionTable(ComponentTable):
 
 
 class ModelTable(ComponentTable):
-    name: str = "lenet"
+    """Left without a ``name``, the model is the dataset's default (``fedsim list`` names it),
+    which :func:`fedsim.build.resolve` writes in."""
+
+    name: str | None = None
 
 
 class StrategyTable(ComponentTable):
@@ -155,6 +158,38 @@ class GuardsTable(_Table):
     ``max_update_norm`` also rejects an update farther than this (L2) from the global model."""
 
     max_update_norm: float | None = Field(None, gt=0)
+
+
+TRACKING_BACKENDS = ("tensorboard", "mlflow")
+
+
+class TrackingTable(_Table):
+    """Experiment tracking (:mod:`fedsim.observers.tracking`): the ``backends`` a run also
+    logs to, the MLflow tracking server or store (``mlflow_uri``; default: a SQLite store in
+    the run directory) and MLflow experiment (``mlflow_experiment``; default: the
+    experiment's name)."""
+
+    backends: list[str] = []
+    mlflow_uri: str | None = Field(None, min_length=1)
+    mlflow_experiment: str | None = Field(None, min_length=1)
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _one_name_is_a_list_of_one(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --set tracking.backends=mlflow
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, backends: list[str]) -> list[str]:
+        for name in backends:
+            if name not in TRACKING_BACKENDS:
+                raise ValueError(
+                    f"unknown backend {name!r}{did_you_mean(name, TRACKING_BACKENDS)} "
+                    f"(choose from: {', '.join(TRACKING_BACKENDS)})"
+                )
+        if len(set(backends)) < len(backends):
+            raise ValueError("a backend is named twice")
+        return backends
 
 
 class TriggerTable(_Table):
@@ -237,6 +272,7 @@ class Experiment(_Table):
     guards: GuardsTable = GuardsTable()
     attack: list[AttackTable] = []  # [[attack]] tables: the attackers (fedsim.attacks)
     observer: list[ObserverTable] = []  # [[observer]] tables: the user's round observers (fedsim.observers)
+    tracking: TrackingTable = TrackingTable()
 
     @model_validator(mode="after")
     def _hangs_need_a_timeout(self) -> Experiment:
@@ -257,6 +293,8 @@ class Experiment(_Table):
         for tables in ("attack", "observer"):  # as features: experiments without them keep their fingerprints
             if not data.get(tables):
                 data.pop(tables, None)
+        if data.get("tracking") == {"backends": []}:  # likewise
+            del data["tracking"]
         return data
 
     def to_toml(self) -> str:

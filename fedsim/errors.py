@@ -17,3 +17,13 @@ class ClientFailure(RuntimeError):
     def __init__(self, message: str, details: str = "") -> None:
         super().__init__(message)
         self.details = details
+
+
+def raised_user_error(reason: str) -> str | None:
+    """The message of a UserError that a client raised, from its error reply's reason, or
+    None. Engines report a client's exception as text (Ray: with its whole traceback,
+    wrapped as <class ...>:<'...'>)."""
+    marker = f"{UserError.__module__}.{UserError.__name__}: "
+    if marker not in reason:
+        return None
+    return reason.split(marker)[-1].splitlines()[0].removesuffix("'>")

@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedsim import multimodel
-from fedsim.errors import ClientFailure, UserError
+from fedsim.errors import ClientFailure, UserError, raised_user_error
 from fedsim.seeding import derive_seed
 
 FAULT_KEY = "fedsim-fault"  # in a faulty client's train config: what to act out
@@ -80,6 +80,14 @@ class FaultPlan:
         return marked
 
 
+def drops_out(message: Message) -> bool:
+    """Whether a train message marks its client to drop out (:meth:`FaultPlan.inject`):
+    the server discards that client's reply, as one that never arrived."""
+    if not message.has_content():
+        return False
+    return any(record.get(FAULT_KEY) == "drop" for record in message.content.config_records.values())
+
+
 def act_out(kind: str | None, config: dict, sent: ArrayRecord | None, reply: ArrayRecord | None) -> ArrayRecord | None:
     """On the client: before training (``reply`` None) raise or hang; after training,
     return the corrupted reply arrays (or ``reply`` itself)."""
@@ -126,9 +134,6 @@ class RoundFaults:
             self.first_error, self.details = line, details
 
 
-USER_ERROR = f"{UserError.__module__}.{UserError.__name__}: "
-
-
 def failure_line(reply: Message) -> str:
     """An error reply's reason in one line: the client's own message. Engines report a
     client's exception as text (Ray: with its whole traceback, wrapped as <class ...>:<'...'>)."""
@@ -139,9 +144,9 @@ def failure_line(reply: Message) -> str:
 
 def raise_user_error(reply: Message) -> None:
     """A UserError raised on a client is a mistake in the experiment, not a fault: stop."""
-    reason = reply.error.reason
-    if USER_ERROR in reason:
-        raise UserError(reason.split(USER_ERROR)[-1].splitlines()[0].removesuffix("'>"))
+    message = raised_user_error(reply.error.reason)
+    if message is not None:
+        raise UserError(message)
 
 
 @dataclass(frozen=True)

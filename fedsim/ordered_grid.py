@@ -2,12 +2,15 @@
 
 Engines number nodes their own way (Flower's draws them at random); the client id is what
 data, seeds and results are keyed by, so the server asks once and then sees the grid in
-client order (:class:`OrderedGrid`).
+client order (:class:`OrderedGrid`). Everything the round loop sends and receives passes
+through it, so it also counts the array bytes each client is sent and sends back
+(:class:`ArrayTraffic`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from flwr.app import Message, MessageType, RecordDict
@@ -16,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsim.errors import ClientFailure
-from fedsim.faults import failure_line, raise_user_error
+from fedsim.faults import drops_out, failure_line, raise_user_error
 from fedsim.trainer import CONFIG_KEY
 
 
@@ -54,18 +57,66 @@ def _raise_on_errors(replies: Iterable[Message], clients: dict[int, int], when: 
             )
 
 
+def array_bytes(message: Message) -> int:
+    """The bytes of every Array in every ArrayRecord of a message's content: each array's
+    serialized buffer (``Array.data``, NumPy's ``.npy`` bytes, header included). Config and
+    metric records and record keys are not counted; a message without content (an error
+    reply) counts 0."""
+    if not message.has_content():
+        return 0
+    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+
+
+class ArrayTraffic:
+    """Array bytes (:func:`array_bytes`) the server sent each client (``down``) and
+    received from it (``up``), by client id, since they were last taken (:meth:`take`).
+
+    A message counts down when it is sent, whether or not a reply comes. A reply counts up
+    when it arrives; an error reply (a client that raised, hung past its timeout or lost its
+    worker) carries no arrays, and the reply of a client injected to drop out
+    (:mod:`fedsim.faults`) never arrives, so it counts 0 although the engine returns it.
+    """
+
+    def __init__(self) -> None:
+        self.down: Counter[int] = Counter()
+        self.up: Counter[int] = Counter()
+
+    def sent(self, messages: list[Message], clients: dict[int, int]) -> None:
+        """Messages about to be sent."""
+        for message in messages:
+            self.down[clients[message.metadata.dst_node_id]] += array_bytes(message)
+
+    def received(self, messages: list[Message], replies: list[Message], clients: dict[int, int]) -> None:
+        """The replies the engine returned to ``messages``."""
+        dropped = {message.metadata.dst_node_id for message in messages if drops_out(message)}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            self.up[clients[node]] += 0 if node in dropped else array_bytes(reply)
+
+    def take(self) -> tuple[dict[int, int], dict[int, int]]:
+        """What was counted since the last call (down, up), by client; the counts start over."""
+        down, up = dict(self.down), dict(self.up)
+        self.down.clear()
+        self.up.clear()
+        return down, up
+
+
 class OrderedGrid(Grid):
     """A Grid seen in client-id order: nodes are listed, and replies returned, by client.
 
     Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)`` and
     aggregate replies in the order they come. With a fixed order here and ``random``
     reseeded each round, every engine picks the same clients and sums in the same order.
+    ``traffic`` counts the array bytes of every ``send_and_receive`` (the round loop's only
+    way to reach the clients); ``push_messages`` and ``pull_messages`` pass through
+    uncounted.
     """
 
     def __init__(self, grid: Grid, clients: dict[int, int]) -> None:
         self._grid = grid
         self.clients = clients
         self._nodes = sorted(clients, key=clients.__getitem__)
+        self.traffic = ArrayTraffic()
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -88,7 +139,9 @@ class OrderedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
+        self.traffic.sent(messages, self.clients)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.traffic.received(messages, replies, self.clients)
         if len(replies) != len(messages):
             raise ClientFailure(f"{len(messages) - len(replies)} of {len(messages)} clients did not reply")
         return sorted(replies, key=lambda reply: self.clients[reply.metadata.src_node_id])

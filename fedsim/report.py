@@ -8,6 +8,10 @@ client_accuracy_mean and any other number there, dicts such as ``accuracy_by_dom
 flattened to one column per key. With a target it adds the first round at which the
 global test metric reached it (mean over the runs that did, and how many did).
 
+report.md and report.tex show the spread of the clients' accuracy (fairness) and the
+array bytes exchanged, where the runs have them, in tables of their own after the main
+one (:data:`SECTIONS`); report.csv keeps every column in one table.
+
 It writes report.md and report.csv (report.tex with ``--format latex``), and two plots:
 report_accuracy.png (the global test metric against round, mean line and ± std band per
 group; report_<metric>.png for another ``--metric``) and report_final.png (the final
@@ -35,6 +39,36 @@ FIRST_METRICS = ["accuracy", "loss", "client_accuracy_mean"]
 # summary.json fields that describe the run rather than measure its result
 BOOKKEEPING = {"seed", "rounds_completed", "num_clients", "wall_time_s", "rounds_time_s"}
 NOT_GROUP_KEYS = {"seed", "description"}  # seeds are what a group averages over
+
+
+@dataclass(frozen=True)
+class Section:
+    """summary.json numbers shown in a table of their own: a title, each column's short
+    header, a factor the values are shown multiplied by and how many digits they keep."""
+
+    title: str
+    headers: dict[str, str]
+    scale: float = 1.0
+    digits: int = 3
+
+
+SPREAD = ("p10", "p50", "p90", "min", "std", "worst10_mean")  # fedsim.observers.fairness
+SECTIONS = (
+    Section(
+        "Clients' held-out accuracy at the last evaluation: percentiles, min, std, mean of the worst 10%",
+        {f"client_accuracy_{stat}": stat for stat in SPREAD},
+    ),
+    Section(
+        "Clients' held-out accuracy at the round of the best mean over clients",
+        {"client_accuracy_best_round": "round", **{f"client_accuracy_{stat}_best": stat for stat in ("mean", *SPREAD)}},
+    ),
+    Section(
+        "Array bytes exchanged over the run, in MB (10^6 bytes)",
+        {"bytes_down_total": "down", "bytes_up_total": "up"},
+        scale=1e-6,
+    ),
+)
+DIGITS = {"client_accuracy_best_round": 1}  # a round, not a fraction
 
 
 @dataclass(frozen=True)
@@ -237,15 +271,21 @@ def summarize(
 # --- formats --------------------------------------------------------------------------
 
 
-def display_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
-    """The table a paper shows: ``0.912 ± 0.004`` cells (the mean alone for one run)."""
+def display_table(
+    summary: pd.DataFrame, keys: list[str], metrics: list[str], section: Section | None = None
+) -> pd.DataFrame:
+    """The table a paper shows: ``0.912 ± 0.004`` cells (the mean alone for one run); a
+    section's table has its headers and scale, and no column but its own."""
     shown = summary[keys].astype(str).copy()
     shown["n"] = summary["n"]
-    if "accuracy_evaluated_on" in summary:
+    if section is None and "accuracy_evaluated_on" in summary:
         shown["accuracy on"] = summary["accuracy_evaluated_on"]
     for name in metrics:
-        shown[name] = [_mean_std(m, s, 3) for m, s in zip(summary[f"{name}_mean"], summary[f"{name}_std"])]
-    if "target" in summary:
+        header, scale = (section.headers[name], section.scale) if section else (name, 1.0)
+        digits = DIGITS.get(name, section.digits if section else 3)
+        means, stds = summary[f"{name}_mean"] * scale, summary[f"{name}_std"] * scale
+        shown[header] = [_mean_std(m, s, digits) for m, s in zip(means, stds)]
+    if section is None and "target" in summary:
         label = f"rounds to {summary['target'].iloc[0]:g}"
         shown[label] = [
             f"{_mean_std(m, s, 1)} ({reached}/{n})"
@@ -284,10 +324,27 @@ def to_latex(shown: pd.DataFrame) -> str:
 
 
 def render(summary: pd.DataFrame, keys: list[str], metrics: list[str], fmt: str) -> str:
+    """report.csv: every column; report.md and report.tex: the main table, then each
+    section the runs have (:data:`SECTIONS`), titled."""
     if fmt == "csv":
         return summary.to_csv(index=False)
-    shown = display_table(summary, keys, metrics)
-    return to_latex(shown) if fmt == "latex" else to_markdown(shown, keys)
+    sections = [(section, [name for name in section.headers if name in metrics]) for section in SECTIONS]
+    sections = [(section, names) for section, names in sections if names]
+    elsewhere = {name for _, names in sections for name in names}
+    main = display_table(summary, keys, [name for name in metrics if name not in elsewhere])
+    if fmt == "latex":
+        parts = [to_latex(main)]
+        parts += [
+            f"% {section.title}\n{to_latex(display_table(summary, keys, names, section))}"
+            for section, names in sections
+        ]
+    else:
+        parts = [to_markdown(main, keys)]
+        parts += [
+            f"**{section.title}**\n\n{to_markdown(display_table(summary, keys, names, section), keys)}"
+            for section, names in sections
+        ]
+    return "\n".join(parts)
 
 
 # --- plots ----------------------------------------------------------------------------

@@ -11,6 +11,8 @@
                      last checkpointed round (fedsim.checkpoint: arrays and JSON, no pickle)
     client_state/    per-client persistent state, by round (see fedsim.state)
     plots/           accuracy.png, partition.png
+    tensorboard/, mlflow.db, mlartifacts/, mlflow_run.json
+                     what [tracking] sends to TensorBoard and MLflow (fedsim.observers.tracking)
     .fedsim.lock     held by the command working on the run
 
 ``metrics.csv`` grows by whole rounds; the checkpoint remembers its length and digest, so a
@@ -51,6 +53,8 @@ METRIC_COLUMNS = ["round", "scope", "id", "metric", "value"]
 # Where a run's headline accuracy comes from (summary.json's accuracy_evaluated_on):
 GLOBAL_TEST = "global-test"  # the global model on the dataset's test split
 CLIENT_HOLDOUT = "client-holdout"  # each client's own model on its held-out data (FedBN)
+# metrics.csv's (scope, id) of the per-round series behind that headline accuracy
+HEADLINE_SERIES = {GLOBAL_TEST: ("server", "global"), CLIENT_HOLDOUT: ("federated", "evaluate")}
 
 
 @dataclass(frozen=True)

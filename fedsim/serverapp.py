@@ -151,6 +151,7 @@ class Federation:
             grid.clients,
             self.elapsed,
             self.rounds_time_s,
+            grid.traffic,
         )
         if self.resume is not None:
             metrics = self.run.read_metrics()
@@ -189,6 +190,7 @@ class Federation:
         rows += self.tell("on_train_aggregated", server_round, strategy, replies, train_metrics or MetricRecord())
         if self.evaluates_after(server_round):
             rows += self.evaluate(server_round, strategy, arrays, grid)
+        rows += self.tell("on_exchanges_done", server_round)  # the round sends nothing more
         self.tell("on_rows", server_round, rows)
         self.rounds_time_s += time.perf_counter() - started
         self.context.rounds_time_s = self.rounds_time_s

@@ -11,7 +11,7 @@ import pytest
 from fedsim.errors import UserError
 from fedsim.observers import Observer, RoundObserver, metric_rows
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from tests.conftest import ROOT, tiny_experiment
 
 CALLS: list[tuple[str, int]] = []
@@ -99,7 +99,16 @@ def test_the_round_loop_names_no_observer():
     tree = ast.parse(source)
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module is not None}
     assert {module for module in imported if module.startswith("fedsim.observers")} == {"fedsim.observers.base"}
-    for name in ("AttackMetrics", "StreamMetrics", "FaultCounts", "RoundMetrics", "MetricsWriter", "Checkpoints"):
+    for name in (
+        "AttackMetrics",
+        "StreamMetrics",
+        "FaultCounts",
+        "RoundMetrics",
+        "ClientFairness",
+        "Traffic",
+        "MetricsWriter",
+        "Checkpoints",
+    ):
         assert name not in source
 
 
@@ -107,14 +116,17 @@ def test_every_built_in_observer_follows_the_protocol():
     from fedsim.observers import (
         AttackMetrics,
         Checkpoints,
+        ClientFairness,
         FaultCounts,
         MetricsWriter,
         RoundCallback,
         RoundMetrics,
         StreamMetrics,
+        Traffic,
     )
 
-    for cls in (AttackMetrics, Checkpoints, FaultCounts, MetricsWriter, RoundCallback, RoundMetrics, StreamMetrics):
+    built_in = (AttackMetrics, Checkpoints, ClientFairness, FaultCounts, MetricsWriter, RoundCallback, RoundMetrics)
+    for cls in (*built_in, StreamMetrics, Traffic):
         assert issubclass(cls, Observer) and issubclass(cls, RoundObserver)
 
 

@@ -250,3 +250,24 @@ def test_personalised_runs_are_marked_and_followed_on_their_clients(tmp_path, ca
     assert "client-holdout" in bn_row and "1.0 (1/1)" in bn_row
     avg_row = next(line for line in table.splitlines() if line.startswith("| fedavg"))
     assert "global-test" in avg_row and "(0/1)" in avg_row
+
+
+def test_fairness_and_traffic_are_tables_of_their_own_in_markdown_and_columns_in_csv(tmp_path, capsys):
+    for seed in range(2):
+        spread = {f"client_accuracy_{stat}": 0.1 * (seed + 1) for stat in ("p10", "p50", "min", "worst10_mean")}
+        best = {"client_accuracy_best_round": 2 + seed, "client_accuracy_p10_best": 0.5}
+        traffic = {"bytes_down_total": 2_000_000 * (seed + 1), "bytes_up_total": 1_000_000}
+        make_run(tmp_path / f"s{seed}", seed=seed, extra=spread | best | traffic)
+    table = report_csv(capsys, tmp_path)
+    assert table.loc[0, "bytes_down_total_mean"] == 3_000_000
+    assert table.loc[0, "client_accuracy_p10_mean"] == pytest.approx(0.15)
+    assert main(["report", str(tmp_path)]) == 0
+    markdown = capsys.readouterr().out
+    main_table, last, at_best, traffic_table = markdown.split("\n\n**")
+    assert "bytes" not in main_table and "p10" not in main_table and "client_accuracy_mean" in main_table
+    assert last.startswith("Clients' held-out accuracy at the last evaluation")
+    assert "| name | n | p10 | p50 | min | worst10_mean |" in last
+    assert "| synthetic | 2 | 0.150 ± 0.071 |" in last
+    assert "| name | n | round | p10 |" in at_best and "| synthetic | 2 | 2.5 ± 0.7 | 0.500 ± 0.000 |" in at_best
+    assert traffic_table.startswith("Array bytes exchanged over the run, in MB")
+    assert "| synthetic | 2 | 3.000 ± 1.414 | 1.000 ± 0.000 |" in traffic_table

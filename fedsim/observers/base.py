@@ -11,12 +11,18 @@ Each hook that can add metrics returns :class:`~fedsim.results.MetricRow`\\ s; t
 concatenates what its observers return, in their order, and the metrics writer (itself an
 observer, late in the list) appends them to ``metrics.csv`` at the round's end. A hook an
 observer does not need keeps the no-op of :class:`Observer`.
+
+A round's hooks, in order: ``on_query_replies`` and ``on_query_aggregated`` per query
+stage, ``on_train_messages``, ``on_train_replies``, ``on_train_aggregated``, then in a
+round that evaluates ``on_evaluate_replies`` and ``on_evaluated``; ``on_exchanges_done``
+once the round has nothing more to send (what it cost in traffic:
+``RunContext.traffic``); then ``on_rows`` and ``on_round_end``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -25,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.config import Experiment
 from fedsim.data import Dataset
 from fedsim.data.dataset import local_test_size
+from fedsim.ordered_grid import ArrayTraffic
 from fedsim.results import MetricRow, RunDirectory
 from fedsim.trainer import METRICS_KEY, NUM_EXAMPLES
 
@@ -43,7 +50,9 @@ class RunContext:
     the run directory, how to evaluate arrays on the test split (``evaluate_global``),
     where the run's headline figure comes from (``evaluated_on``: the global model on the
     test split, or each client's own model on its held-out data), the clients by Flower
-    node id, and the run's clocks (``elapsed()``, ``rounds_time_s``)."""
+    node id, the run's clocks (``elapsed()``, ``rounds_time_s``) and the array bytes
+    exchanged with each client since ``traffic.take()`` was last called (the grid counts
+    them: :class:`~fedsim.ordered_grid.ArrayTraffic`)."""
 
     experiment: Experiment
     dataset: Dataset
@@ -54,6 +63,7 @@ class RunContext:
     clients: dict[int, int]
     elapsed: Callable[[], float]
     rounds_time_s: float = 0.0
+    traffic: ArrayTraffic = field(default_factory=ArrayTraffic)
 
     def train_size(self, client: int, server_round: int) -> int:
         """How many training examples ``client`` holds in ``server_round`` (its view of the
@@ -122,6 +132,11 @@ class RoundObserver(Protocol):
         """After the round's evaluation: the strategy's aggregate of the clients' figures
         and the run's headline (the global model's, or the clients' own models')."""
 
+    def on_exchanges_done(self, context: RunContext, server_round: int) -> list[MetricRow]:
+        """After the round's last exchange with the clients (its query stages, training
+        and, in a round that evaluates, evaluation), before its rows are written: every
+        round, evaluated or not."""
+
     def on_rows(self, context: RunContext, server_round: int, rows: list[MetricRow]) -> None:
         """Every metric row the observers returned for round ``server_round`` (0: before
         the first round), in order; the metrics writer appends them to metrics.csv."""
@@ -144,6 +159,12 @@ class RoundObserver(Protocol):
 
     def summary(self) -> dict[str, Any]:
         """What the observer adds to summary.json."""
+
+    def on_finish(self, context: RunContext, summary: dict[str, Any]) -> None:
+        """The run's end, every plot drawn: ``summary`` is what summary.json is about to
+        hold. summary.json is written once every observer has returned, so a run whose
+        observer fails here is not finished, and running it again ends it again: this
+        hook may be called twice for one run."""
 
 
 class Observer:
@@ -180,6 +201,9 @@ class Observer:
     def on_evaluated(self, context, server_round, arrays, on_clients, final):
         return []
 
+    def on_exchanges_done(self, context, server_round):
+        return []
+
     def on_rows(self, context, server_round, rows):
         return None
 
@@ -191,6 +215,9 @@ class Observer:
 
     def summary(self):
         return {}
+
+    def on_finish(self, context, summary):
+        return None
 
 
 def metric_rows(server_round: int, scope: str, ident: str, metrics: Any) -> list[MetricRow]:

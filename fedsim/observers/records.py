@@ -4,6 +4,7 @@ every ``checkpoint_every`` rounds and after the last, a checkpoint to resume fro
 from __future__ import annotations
 
 from fedsim.checkpoint import Checkpoint, strategy_state
+from fedsim.config import Experiment
 from fedsim.observers.base import Observer
 from fedsim.state import ClientStateStore
 
@@ -23,7 +24,7 @@ class Checkpoints(Observer):
 
     def on_round_end(self, context, server_round, rows, strategy, arrays, final, trained):
         experiment = context.experiment
-        if not (server_round % experiment.checkpoint_every == 0 or server_round == experiment.rounds):
+        if not checkpointed(experiment, server_round):
             return
         metrics_bytes, metrics_sha256 = context.run.metrics_digest()
         checkpoint = Checkpoint(
@@ -38,6 +39,12 @@ class Checkpoints(Observer):
         )
         context.run.save_checkpoint(checkpoint)
         ClientStateStore(context.run.client_state).prune(server_round)
+
+
+def checkpointed(experiment: Experiment, server_round: int) -> bool:
+    """Whether a checkpoint is written after ``server_round``: every ``checkpoint_every``
+    rounds, and after the last."""
+    return server_round % experiment.checkpoint_every == 0 or server_round == experiment.rounds
 
 
 class RoundCallback(Observer):
