@@ -199,7 +199,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def _main(grid: Grid, context: Context) -> None:
     # lazy: Flower imports this module in every client process too, which need none of it
-    from fedsim.run import finish_run, new_federation, open_run
+    from fedsim.runner import finish_run, new_federation, open_run
 
     flower_run = read_run_config(context.run_config, APP_DIR)
     experiment = flower_run.experiment

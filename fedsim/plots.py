@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+# Agg draws to files with no display. A process that chose its backend before (a notebook's
+# kernel names its inline one in MPLBACKEND; a script may have imported pyplot) keeps it:
+# these figures are saved and closed under any backend, and switching would stop the
+# notebook's own figures from showing.
+if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -19,6 +19,7 @@ from fedsim.build import check_attacks_fit_data, check_model, make_engine, make_
 from fedsim.checkpoint import Checkpoint
 from fedsim.clientapp import make_client_app
 from fedsim.config import Experiment
+from fedsim.engine.ray import check_reachable
 from fedsim.environment import RunEnvironment, experiment_dataset
 from fedsim.errors import UserError
 from fedsim.flower_log import quiet_flower
@@ -90,6 +91,7 @@ def prepare_run(
     if experiment.attack:
         check_attacks_fit_data(experiment, dataset.input_shape, dataset.num_classes, partition.num_clients)
     run.start(experiment)
+    ClientStateStore(run.client_state).discard_after(0)  # a new run: this process forgets an earlier one's writes
     partition.save(run.partition)
     describe_partition(experiment, dataset, partition, run.path, labels_plot="partition.png")
     return PreparedRun(run, status, partition, None, started)
@@ -104,7 +106,7 @@ def load_partition(run: RunDirectory) -> Partition:
 
 
 def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federation) -> RunResult:
-    """After the last round: summary.json and the training plot."""
+    """After the last round: the training plot, the observers' ``on_finish``, summary.json."""
     # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plot_training
 
@@ -115,6 +117,9 @@ def finish_run(experiment: Experiment, prepared: PreparedRun, federation: Federa
     title = f"{experiment.name}: {experiment.strategy.name}"
     metrics = run.read_metrics()
     plot_training(metrics, run.plots / "accuracy.png", title, slot_starts=starts)
+    # the observers' last word (a tracker sends the summary and the plots) comes before
+    # summary.json, which marks the run finished: if one fails, running again ends it again
+    federation.tell("on_finish", summary)
     run.write_summary(summary)
     return RunResult(run.path, summary, prepared.status)
 
@@ -132,6 +137,8 @@ def run_experiment(
     ``progress`` shows a progress bar; ``verbose`` lets Flower's own log through.
     """
     quiet_flower(verbose)
+    # before the run directory exists: an engine that cannot start must leave nothing behind
+    check_reachable(experiment.engine.params.get("address"), "[engine] address")
     with open_run(experiment, out, overwrite=overwrite) as prepared:
         if prepared.status == "finished":
             return RunResult(prepared.run.path, prepared.run.read_summary(), prepared.status)

@@ -69,7 +69,7 @@ def interrupted_and_resumed(experiment: Experiment, tmp_path: Path, monkeypatch,
     again, which resumes. Returns the resumed run's result; the caller compares the two
     folders."""
     from fedsim.results import RunDirectory
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     run_experiment(experiment, tmp_path / "reference")
     original = RunDirectory.save_checkpoint

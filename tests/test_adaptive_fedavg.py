@@ -9,7 +9,7 @@ import pytest
 from fedsim.build import load_experiment
 from fedsim.checkpoint import load
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from strategies.adaptive_fedavg import AdaptiveFedAvg, AdaptiveLearningRate
 from tests.conftest import QUICKSTART, interrupted_and_resumed, tiny_experiment
 

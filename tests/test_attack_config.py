@@ -19,7 +19,7 @@ from fedsim.data import Dataset
 from fedsim.errors import UserError
 from fedsim.observers.attacks import BENIGN, AttackMetrics
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
 from tests.conftest import interrupted_and_resumed, tiny_experiment

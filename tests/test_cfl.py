@@ -10,7 +10,7 @@ from fedsim.build import load_experiment
 from fedsim.checkpoint import load
 from fedsim.engine.tasks import NODE_ID_OFFSET
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from partitioners import Partition
 from strategies.cfl import CFL, bipartition, pairwise_cosine, separation, update_norms
 from tests.conftest import QUICKSTART, interrupted_and_resumed, tiny_experiment

@@ -236,7 +236,7 @@ def test_switching_a_component_drops_the_files_keys_it_does_not_take():
 def test_skew_json_is_written_with_the_run(tmp_path):
     import json
 
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     from .conftest import tiny_experiment
 

@@ -8,7 +8,7 @@ import pytest
 from fedsim.build import load_experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from tests.conftest import QUICKSTART, interrupted_and_resumed, tiny_experiment
 
 

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy.multikrum import compute_distances
 
 from fedsim.build import load_experiment
 from fedsim.errors import UserError
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from strategies.defences import DEFENCES, defend
 from strategies.defences.base import Defence
 from tests.conftest import QUICKSTART

@@ -14,7 +14,7 @@ from fedsim import multimodel
 from fedsim.build import load_experiment
 from fedsim.data import ClientData
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import ClientCall, RoundConfig
 from partitioners.drift import DriftPartitioner
 from strategies import history

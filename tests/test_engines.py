@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from fedsim.cli import main
 from fedsim.engine import tasks as engine_tasks
 from fedsim.engine.tasks import NODE_ID_OFFSET, SharedArrays, pack, run_tasks
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.worker import Worker
 
 from .conftest import QUICKSTART, tiny_experiment

@@ -14,7 +14,7 @@ import pytest
 from fedsim import checkpoint as checkpoints
 from fedsim.cli import main
 from fedsim.faults import FaultPlan
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 
 from .conftest import QUICKSTART, tiny_experiment, tiny_overrides
 

@@ -18,7 +18,7 @@ from fedsim.data.dataset import Dataset
 from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import RELU_GAMMA, WSConv2d, batchnorm_keys, has_normalization
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientCall, RoundConfig
 from strategies.fedbn import FedBNTrainer

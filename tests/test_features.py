@@ -95,7 +95,7 @@ def test_a_linear_model_is_the_head_on_flat_features():
 
 @pytest.mark.parametrize("model", ["lenet", "digitcnn", "resnet", "alexnet"])
 def test_an_image_model_on_flat_features_says_which_model_to_use(model, tmp_path):
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     experiment = tiny_experiment("features.name=model", "features.epochs=1", f"model.name={model}")
     with pytest.raises(

@@ -27,7 +27,7 @@ from fedsim.build import load_experiment
 from fedsim.data import ClientData
 from fedsim.models import MLP
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import ClientCall, RoundConfig
 from strategies.fedccfa import (
     BALANCED_BIAS,

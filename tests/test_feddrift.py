@@ -14,7 +14,7 @@ from fedsim.build import load_experiment
 from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import TIME_SLOT, RoundConfig
 from strategies.feddrift import (
     LOCAL_STEPS,

@@ -21,7 +21,7 @@ from torch import nn
 
 from fedsim.build import load_experiment
 from fedsim.data import ClientData
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import ClientCall, RoundConfig
 from partitioners.base import Partition
 from strategies.fedem import PREDICTION, FedEM, FedEMTrainer

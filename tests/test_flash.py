@@ -13,7 +13,7 @@ from fedsim.build import load_experiment
 from fedsim.checkpoint import load
 from fedsim.data import ClientData
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import ClientCall, RoundConfig
 from strategies.flash import LOSS_DECREMENT, PREVIOUS_LOSS, VALIDATION, Flash, FlashOptimizer, FlashTrainer, stops_early
 from tests.conftest import QUICKSTART, interrupted_and_resumed, tiny_experiment

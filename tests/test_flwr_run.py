@@ -29,7 +29,7 @@ from fedsim.flower_app import (
     read_run_config,
     run_config_overrides,
 )
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 
 from .conftest import QUICKSTART, ROOT
 

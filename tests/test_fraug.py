@@ -16,7 +16,7 @@ from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import batchnorm_keys
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientCall, RoundConfig
 from strategies.fraug import FRAug, FRAugTrainer

@@ -9,7 +9,7 @@ import pytest
 from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import RoundConfig
 from strategies import GGEUR
 from strategies.ggeur import (

@@ -12,7 +12,7 @@ from fedsim.attacks.base import ROUND_EXAMPLES
 from fedsim.attacks.model_replacement import ModelReplacement
 from fedsim.data import ClientData, load_dataset
 from fedsim.models import build_model
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.trainer import ClientCall, ClientTrainer, RoundConfig
 from tests.conftest import tiny_experiment
 

@@ -56,7 +56,7 @@ def test_embedding_split_draws_its_clusters_and_embedding_distance(tmp_path):
 
 
 def test_run_describes_its_partition_as_fedsim_partition_does(tmp_path):
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     overrides = ("partition.name=embedding", "partition.clusters=4", "partition.min_size=5", "rounds=1")
     assert main(partition_command(*overrides, out=tmp_path / "look")) == 0
@@ -163,7 +163,7 @@ def test_help_documents_the_default_folder(capsys):
 
 
 def test_refuses_to_overwrite_a_run_directorys_partition(tmp_path, capsys):
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     run_experiment(tiny_experiment("rounds=1"), tmp_path / "run")
     before = (tmp_path / "run/partition.npz").read_bytes()

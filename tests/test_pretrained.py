@@ -163,7 +163,7 @@ def test_every_encoder_is_also_an_embedder():
 
 def test_a_bad_resolution_is_a_one_line_error_before_the_run(tmp_path):
     from fedsim.build import load_experiment
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
     from tests.conftest import QUICKSTART
 
     experiment = load_experiment(

@@ -13,7 +13,7 @@ import pytest
 from fedsim.build import load_experiment
 from fedsim.cli import main
 from fedsim.results import METRIC_COLUMNS
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from partitioners import Partition
 
 from .conftest import QUICKSTART, ROOT, tiny_experiment

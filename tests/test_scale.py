@@ -10,7 +10,7 @@ import pytest
 
 from fedsim.build import load_experiment
 from fedsim.engine import InProcessEngine
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.serverapp import Federation
 from fedsim.worker import worker_for
 

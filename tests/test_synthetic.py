@@ -208,7 +208,7 @@ def test_natural_split_of_a_dataset_without_groups_is_a_one_line_user_error():
 
 
 def test_a_tiny_federation_of_synthetic_devices_runs(tmp_path):
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     experiment = natural_experiment(
         "dataset.name=synthetic", "dataset.num_devices=5", "partition.num_clients=5", "model.name=mlp"

@@ -10,7 +10,7 @@ import pytest
 from fedsim.build import load_experiment, validate_experiment
 from fedsim.errors import UserError
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from tests.conftest import QUICKSTART, ROOT, interrupted_and_resumed, tiny_experiment
 
 # The BatchNorm models train at lr 0.01: at 0.1, BatchNorm over a client's trailing batch of

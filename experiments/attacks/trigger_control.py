@@ -29,7 +29,7 @@ from fedsim.build import load_experiment
 from fedsim.environment import RunEnvironment
 from fedsim.lookups import strategy_trainer
 from fedsim.observers.attacks import AttackMetrics
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.state import ClientStateStore
 from fedsim.training import classification_metrics, predict
 from partitioners import Partition

@@ -32,7 +32,7 @@ The partition is the one `fedsim run` trains on for the same experiment and seed
 def default_out(experiment) -> Path:
     """``runs/<name>-<fingerprint>-partition``, beside the run folder of the same experiment."""
     # lazy: a command loads what it runs, so `fedsim --help` starts at once
-    from fedsim.run import default_out as run_folder
+    from fedsim.runner import default_out as run_folder
 
     folder = run_folder(experiment)
     return folder.with_name(f"{folder.name}-partition")

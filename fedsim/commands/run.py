@@ -43,7 +43,7 @@ def format_metric(value: float | None) -> str:
 def execute(args: argparse.Namespace) -> int:
     # lazy: a command loads what it runs, so `fedsim --help` starts at once
     from fedsim.build import load_experiment
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     if args.out is not None and not args.out.strip():
         raise UserError("--out '' names no folder; give a folder for the run, or leave --out out")
@@ -59,15 +59,19 @@ def execute(args: argparse.Namespace) -> int:
         raise_strategy_failure(experiment, error, verbose=args.verbose)
         raise
     if not args.quiet:
-        s = result.summary
-        note = {"finished": " (already finished; --overwrite to run again)", "resume": " (resumed)"}.get(
-            result.status, ""
-        )
-        print(
-            f"{experiment.name}: accuracy {format_metric(s['accuracy'])}  loss {format_metric(s['loss'])}  "
-            f"rounds {s['rounds_completed']}  wall {s['wall_time_s']:.1f} s  -> {result.path}{note}"
-        )
+        print(result_line(experiment.name, result, overwrite="--overwrite"))
     return 0
+
+
+def result_line(name: str, result, overwrite: str) -> str:
+    """What a finished run prints: its final figures, its folder and whether it was resumed
+    or had finished before (``overwrite`` says how to run it again)."""
+    s = result.summary
+    note = {"finished": f" (already finished; {overwrite} to run again)", "resume": " (resumed)"}.get(result.status, "")
+    return (
+        f"{name}: accuracy {format_metric(s['accuracy'])}  loss {format_metric(s['loss'])}  "
+        f"rounds {s['rounds_completed']}  wall {s['wall_time_s']:.1f} s  -> {result.path}{note}"
+    )
 
 
 def resumed_experiment(args: argparse.Namespace):
@@ -117,7 +121,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (alone)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no result line")
-    parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     parser.set_defaults(handler=execute)
 
 

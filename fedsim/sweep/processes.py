@@ -101,7 +101,7 @@ def execute_run(task: RunTask) -> RunOutcome:
     """Run one run in a worker; any error becomes a failed outcome, with its traceback in
     the run directory's error.txt, and an interruption an "interrupted" one."""
     # lazy: only the worker processes run experiments; the sweep's own process starts without torch
-    from fedsim.run import run_experiment
+    from fedsim.runner import run_experiment
 
     started = time.monotonic()
     quiet_flower()
