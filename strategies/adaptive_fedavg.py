@@ -43,10 +43,10 @@ from typing import Literal
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedsim.checks import check_choice, check_fraction
 from fedsim.trainer import TIME_SLOT
+from strategies.fedavg import FedAvg
 
 LR = "lr"  # the key of the clients' learning rate in the train config ([client] lr)
 

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
@@ -32,6 +31,7 @@ from fedsim.checks import check_integer
 from fedsim.data import ClientData
 from fedsim.trainer import NUM_EXAMPLES, ClientCall, ClientState, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import predict
+from strategies.fedavg import FedAvg
 
 
 def weight_key(index: int) -> str:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from flwr.serverapp.strategy import FedAvg
-
 from fedsim.checks import check_choice, check_integer
 from fedsim.trainer import ClientCall, ClientTrainer, TrainResult
 from strategies import history
+from strategies.fedavg import FedAvg
 
 
 class HistoryTrainer(ClientTrainer):

@@ -25,13 +25,13 @@ from typing import Literal
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedsim.checks import check_choice
 from fedsim.models.norm import batchnorm_keys
 from fedsim.trainer import ClientState, ClientTrainer
+from strategies.fedavg import FedAvg
 
 BATCHNORM_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

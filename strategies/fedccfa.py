@@ -86,7 +86,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 from torch.nn import functional as F
@@ -94,6 +93,7 @@ from torch.nn import functional as F
 from fedsim.checks import check_bool, check_choice, check_integer, check_number
 from fedsim.trainer import NUM_EXAMPLES, ClientCall, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import batches
+from strategies.fedavg import FedAvg
 
 PREFIX = "fedccfa."  # FedCCFA's own arrays inside a message's ArrayRecord
 OWN_WEIGHT, OWN_BIAS = PREFIX + "head.weight", PREFIX + "head.bias"  # the client's classifier

@@ -79,7 +79,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
@@ -88,6 +87,7 @@ from fedsim.checks import check, check_choice, check_integer, check_number
 from fedsim.data import ClientData
 from fedsim.trainer import DRIFT_FROM_SLOT, REAL_DRIFT, TIME_SLOT, ClientCall, QueryResult, TrainResult
 from strategies.clustered import SeveralModelsTrainer, average_numbers, weight_key
+from strategies.fedavg import FedAvg
 
 STAGE = "feddrift-stage"  # which query: "initial" (slot 0), "scores", then "distances"
 MEASURE = "feddrift-measure"  # "accuracy" or "loss"

@@ -10,9 +10,10 @@ to 1; 0 is allowed when written out, for ablations).
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 
 from fedsim.checks import check_number
+from strategies.flower_start import StartsOnceNodesAreOnline
 
 
-class FedProx(FlowerFedProx):
+class FedProx(StartsOnceNodesAreOnline, FlowerFedProx):
     """FedProx (Li et al., MLSys 2020): FedAvg whose clients add a proximal term (mu / 2) ||w - w_global||^2."""
 
     def __init__(self, *, proximal_mu: float, **kwargs) -> None:

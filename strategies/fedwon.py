@@ -18,13 +18,13 @@ import math
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedsim.checks import check_positive
 from fedsim.clipping import AdaptiveClipping
 from fedsim.models.norm import has_normalization
 from fedsim.trainer import ClientTrainer, RoundConfig
+from strategies.fedavg import FedAvg
 
 AGC_LAMBDA = "agc-lambda"  # the threshold: sent in the train config, reported as a train metric
 

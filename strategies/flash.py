@@ -51,7 +51,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedsim.checks import check_choice, check_fraction, check_number, check_positive
@@ -59,6 +58,7 @@ from fedsim.data import ClientData
 from fedsim.errors import UserError
 from fedsim.trainer import ClientCall, ClientState, ClientTrainer, RoundConfig, TrainResult
 from fedsim.training import batches
+from strategies.fedavg import FedAvg
 
 LOSS_DECREMENT = "flash-loss-decrement"
 VALIDATION = "flash-validation"

@@ -54,13 +54,13 @@ from typing import Literal
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedsim.checks import check_choice, check_integer, check_number
 from fedsim.data import ClientData
 from fedsim.seeding import derive_seed
 from fedsim.trainer import ClientCall, ClientTrainer, QueryResult, RoundConfig, TrainResult
+from strategies.fedavg import FedAvg
 
 GEOMETRY = "ggeur."  # prefix of the geometry's arrays inside a train message's ArrayRecord
 EIGENVALUES, EIGENVECTORS = GEOMETRY + "eigenvalues", GEOMETRY + "eigenvectors"

@@ -1,6 +1,7 @@
 """fedsim's strategies in plain Flower apps (fedsim.plain_flower): the client halves keep
 FedBN's BatchNorm local and apply FedWon's AGC, and the server halves refuse replies from
-ClientApps without them, instead of silently running FedAvg."""
+ClientApps without them, instead of silently running FedAvg. Every round samples from the
+nodes online (strategies.flower_start), and a client whose state went back stops the run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
@@ -22,14 +23,18 @@ from torch.nn import functional as F
 
 from fedsim import checkpoint as checkpoints
 from fedsim.data import load_dataset
+from fedsim.errors import UserError
 from fedsim.models import build_model
 from fedsim.models.norm import WSConv2d, batchnorm_keys
 from fedsim.plain_flower import BATCHNORM_KEY, STATE_KEY, client_app, fedbn_mod
 from strategies.fedbn import FedBN, batchnorm_keys_by_name
 from strategies.fedwon import FedWon
+from strategies.flower_start import NodesOnlineGrid, StartsOnceNodesAreOnline
 
 ROOT = Path(__file__).resolve().parents[1]
-README_SECTION = "### fedsim's strategies in your own Flower app"
+# the page that documents fedsim's strategies in a Flower app of your own, with a complete app
+EXAMPLE_PAGE = ROOT / "docs/guide/flower-app.md"
+EXAMPLE_HEADING = "# fedsim's strategies in your own Flower app"
 NUM_CLIENTS = 3
 BN_CHANNELS = 8  # bn_model's BatchNorm layer
 DIGITS = load_dataset("digits")
@@ -115,7 +120,8 @@ def bn_probe(state_key: str):
 
 
 class Recording:
-    """Records what a strategy sends in each round and what each client reports in evaluation."""
+    """Records what a strategy sends in each round, how many clients trained, and what each
+    client reports in evaluation."""
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -126,6 +132,7 @@ class Recording:
         replies = list(replies)
         failed = [reply.error.reason for reply in replies if reply.has_error()]
         self.failed = {**getattr(self, "failed", {}), server_round: failed}
+        self.trained = {**getattr(self, "trained", {}), server_round: len(replies) - len(failed)}
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round, replies):
@@ -174,22 +181,30 @@ def _evaluate(message: Message, context: Context) -> Message:
     return SCENARIOS[_scenario(message)][2](message, context)
 
 
-@pytest.fixture(scope="module")
-def outcomes():
-    """One run_simulation (Ray starts once) whose ServerApp plays every scenario: for each,
-    the strategy and its Result, or the exception it raised."""
+TWO_ACTORS = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
+
+
+def simulate(names) -> dict:
+    """One run_simulation (Ray starts once) on two Ray actors whose ServerApp plays the
+    named scenarios at once, as a user's app would: for each, the strategy and its Result,
+    or the exception it raised."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    found = {}
+    found, strategies = {}, {}
+    for name in names:
+        strategy_cls, model_fn, _, _ = SCENARIOS[name]
+        torch.manual_seed(0)
+        strategies[name] = strategy_cls(min_available_nodes=NUM_CLIENTS)
+        strategies[name].initial = ArrayRecord(model_fn().state_dict())
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        for name, (strategy_cls, model_fn, _, rounds) in SCENARIOS.items():
-            torch.manual_seed(0)
-            strategy = strategy_cls(min_available_nodes=NUM_CLIENTS)
-            strategy.initial = ArrayRecord(model_fn().state_dict())
+        # nothing comes before the first start: its round 1 is configured while Flower's
+        # simulation is still registering the nodes (strategies.flower_start)
+        for name, strategy in strategies.items():
+            rounds = SCENARIOS[name][3]
             try:
                 found[name] = (
                     strategy,
@@ -202,7 +217,7 @@ def outcomes():
                         timeout=600,  # a broken simulation fails the test instead of hanging it
                     ),
                 )
-            except ValueError as error:
+            except (ValueError, UserError) as error:
                 found[name] = strategy, error
                 continue
             if not found[name][1].train_metrics_clientapp:
@@ -211,17 +226,19 @@ def outcomes():
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as fedsim's engines set it
     pythonpath = os.environ.get("PYTHONPATH")
     try:
-        # one Ray actor, so Flower's backend handles one message at a time: with two, one
-        # client's round-1 context.state lacked its BatchNorm in 2 of ~7 CI runs (never
-        # locally; the cause, somewhere in Flower's Ray backend, was not found)
-        one_actor = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 1}}
-        run_simulation(server_app, dispatching_app, NUM_CLIENTS, backend_config=one_actor)
+        run_simulation(server_app, dispatching_app, NUM_CLIENTS, backend_config=TWO_ACTORS)
     finally:  # Flower's Ray backend sets PYTHONPATH to this process's sys.path; later tests start Ray too
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = pythonpath
     return found
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """Every scenario, in one simulation."""
+    return simulate(list(SCENARIOS))
 
 
 def _succeeded(outcomes, name):
@@ -234,6 +251,9 @@ def _assert_batchnorm_stayed_local(strategy, result) -> None:
     # Flower's simulation sets aside a client whose training failed (a loaded machine's Ray
     # can lose an actor); the test needs every client, so say why one is missing
     assert not any(strategy.failed.values()), f"a client's training failed: {strategy.failed}"
+    # the ServerApp starts at once, before Flower's simulation has registered its nodes:
+    # round 1 still samples every client (strategies.flower_start)
+    assert strategy.trained == {1: NUM_CLIENTS, 2: NUM_CLIENTS}, strategy.trained
     initial = strategy.initial
     bn = batchnorm_keys_by_name(initial.keys())
     assert bn, "the test model has BatchNorm"
@@ -251,15 +271,15 @@ def _assert_batchnorm_stayed_local(strategy, result) -> None:
         for b in range(a + 1, NUM_CLIENTS):
             assert not np.allclose(means[a], means[b], rtol=0.05), (a, b)
     for client in range(NUM_CLIENTS):
-        # -1: the client's round-1 context.state had no BatchNorm (seen once in CI on Ray)
+        # -1: the client's round-1 context.state had no BatchNorm (it did not train in round 1)
         assert first[client]["bn-batches"] > 0, (client, {c: m["bn-batches"] for c, m in first.items()})
         assert second[client]["bn-batches"] == 2 * first[client]["bn-batches"]
 
 
-# -- the README's example --------------------------------------------------------------------
+# -- the documented example ------------------------------------------------------------------
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split(README_SECTION, 1)[1].split("\n#", 1)[0]
+    """The complete app: the first python block under EXAMPLE_HEADING in EXAMPLE_PAGE."""
+    section = EXAMPLE_PAGE.read_text().split(EXAMPLE_HEADING + "\n", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
@@ -268,12 +288,48 @@ def test_the_readme_example_uses_fedsims_client_half():
     assert "client_app(FedBN" in code and "run_simulation(" in code
 
 
+# runs a script as __main__, printing how many clients FedBN's replies came from in each
+# round; Flower's simulation registers its nodes a second late, as on a loaded machine, so
+# that the app's strategy starts before they are online whatever this machine's speed
+COUNTING_DRIVER = """
+import runpy, sys, time
+from flwr.server.superlink.fleet.vce import vce_api
+from strategies.fedbn import FedBN
+
+register_nodes = vce_api._register_nodes
+
+
+def registering_late(*args, **kwargs):
+    time.sleep(1)
+    return register_nodes(*args, **kwargs)
+
+
+vce_api._register_nodes = registering_late
+aggregate_train = FedBN.aggregate_train
+
+
+def counting(self, server_round, replies):
+    replies = list(replies)
+    trained = sum(not reply.has_error() for reply in replies)
+    print(f"round {server_round}: {trained} clients trained", flush=True)
+    return aggregate_train(self, server_round, replies)
+
+
+FedBN.aggregate_train = counting
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
 @pytest.mark.ray
-def test_the_readme_example_runs(tmp_path):
+def test_the_readme_example_runs_and_trains_every_client_from_round_1(tmp_path):
     script = tmp_path / "fedbn_app.py"
     script.write_text(readme_example())
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    (tmp_path / "counting.py").write_text(COUNTING_DRIVER)
+    command = [sys.executable, "counting.py", str(script)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trained = dict(map(int, found) for found in re.findall(r"round (\d+): (\d+) clients trained", done.stdout))
+    assert trained == {1: 3, 2: 3, 3: 3}, done.stdout[-3000:]
     accuracy = float(re.search(r"mean client accuracy after 3 rounds: ([0-9.]+)", done.stdout).group(1))
     assert accuracy > 0.85
 
@@ -284,6 +340,20 @@ def test_fedbn_with_fedsims_client_app_keeps_batchnorm_local(outcomes):
     strategy, result = _succeeded(outcomes, "fedbn, fedsim's client")
     _assert_batchnorm_stayed_local(strategy, result)
     assert result.evaluate_metrics_clientapp[2]["accuracy"] > 0.6
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("repetitions", [2, pytest.param(50, marks=pytest.mark.slow)])
+def test_fedbn_with_fedsims_client_app_trains_every_client_in_every_simulation(repetitions):
+    """Each simulation starts Flower's runtime afresh, where its nodes register while the
+    ServerApp already runs: every one must train all clients from round 1."""
+    name = "fedbn, fedsim's client"
+    for repetition in range(repetitions):
+        strategy, result = _succeeded(simulate([name]), name)
+        try:
+            _assert_batchnorm_stayed_local(strategy, result)
+        except AssertionError as error:
+            raise AssertionError(f"simulation {repetition + 1} of {repetitions}: {error}") from error
 
 
 @pytest.mark.ray
@@ -421,3 +491,141 @@ def test_fedbn_mod_swaps_in_the_clients_own_batchnorm_without_touching_the_messa
     assert second.content["arrays"] is initial, "the received message is left alone"
     for key in initial.keys():
         assert np.array_equal(initial[key].numpy(), untouched[key]), key
+
+
+# -- sampling from the nodes online, without a simulation ----------------------------------
+class RegisteringNodes(Nodes):
+    """A Grid whose three nodes come online only after ``reads`` reads of the node list, as
+    Flower's simulation registers its SuperNodes after starting the ServerApp."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads, self.offline_reads = 0, reads
+
+    def get_node_ids(self):
+        self.reads += 1
+        return [11, 12, 13] if self.reads > self.offline_reads else []
+
+
+def test_a_round_configured_before_the_nodes_register_samples_them_all_once_they_are_online():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+    arrays = ArrayRecord(bn_model().state_dict())
+    strategy = FedBN(min_available_nodes=3)
+    # Flower's FedAvg alone fixes the sample size from the nodes online at first, none:
+    # max(0, min_train_nodes) = 2, and sample_nodes then waits for 3 but samples 2
+    assert len(list(strategy.configure_train(1, arrays, ConfigRecord(), RegisteringNodes(1)))) == 2
+    grid = NodesOnlineGrid(RegisteringNodes(3), min_nodes=3)
+    assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)) == [
+        11,
+        12,
+        13,
+    ]
+    assert len(list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))) == 3
+
+
+def test_every_strategy_fedsim_ships_starts_its_rounds_on_a_grid_that_waits_for_its_nodes(monkeypatch):
+    from flwr.serverapp.strategy import Strategy
+
+    from strategies import STRATEGIES
+    from strategies.defences import DEFENCES, defend
+
+    for name in STRATEGIES:
+        assert STRATEGIES[name].start is StartsOnceNodesAreOnline.start, name
+    for name in DEFENCES:
+        assert DEFENCES[name].start is StartsOnceNodesAreOnline.start, name
+    grids = []
+    monkeypatch.setattr(Strategy, "start", lambda self, grid, *args, **kwargs: grids.append(grid))
+    FedBN(min_available_nodes=3).start(grid=Nodes(), initial_arrays=ArrayRecord(), num_rounds=1)
+    defend(FedBN(min_available_nodes=4), "fedmedian").start(Nodes(), ArrayRecord())
+    assert [(type(grid), grid.min_nodes) for grid in grids] == [(NodesOnlineGrid, 3), (NodesOnlineGrid, 4)]
+
+
+class Replying(Nodes):
+    """A Grid that answers every message with the given error reason (None: a good reply)."""
+
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason
+        self.clients = {11: 0, 12: 1}  # as fedsim's grids carry
+
+    def send_and_receive(self, messages, *, timeout=None):
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 1})})
+        if self.reason is None:
+            return [Message(content, reply_to=message) for message in messages]
+        return [Message(Error(code=0, reason=self.reason), reply_to=message) for message in messages]
+
+
+def test_a_clients_user_error_stops_a_plain_flower_run_and_other_failures_do_not():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+    message = Message(RecordDict(), dst_node_id=12, message_type=MessageType.TRAIN)
+    # as Flower's Ray backend reports it: the exception's type, then the client's traceback
+    reason = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()\n"
+        '  File "fedsim/state.py", line 60, in check\n'
+        "fedsim.errors.UserError: client 1's state went back: it wrote its state in round 2, but as of round 3 "
+        "its state is from round 1; an update was lost, so the run stops\n'>"
+    )
+    with pytest.raises(UserError, match=r"^client 1's state went back: .* round 2, .* round 3 .* round 1; .*stops$"):
+        NodesOnlineGrid(Replying(reason), 1).send_and_receive([message])
+    assert NodesOnlineGrid(Replying("<class 'ValueError'>:<'bad'>"), 1).send_and_receive([message])[0].has_error()
+    assert not NodesOnlineGrid(Replying(None), 1).send_and_receive([message])[0].has_error()
+    assert NodesOnlineGrid(Replying(None), 1).clients == {11: 0, 12: 1}, "other attributes pass through"
+
+
+# -- a client whose state went back stops the run ----------------------------------------
+def _message(kind: str, server_round: int, arrays: ArrayRecord) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round, "lr": 0.1})})
+    return Message(content, dst_node_id=12, message_type=kind)
+
+
+def _client_context(run_id: int) -> Context:
+    return Context(run_id=run_id, node_id=12, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+
+
+def test_client_app_stops_a_client_whose_state_went_back():
+    torch.manual_seed(0)
+    arrays = ArrayRecord(bn_model().state_dict())
+    app = client_app(FedBN, bn_model, scaled_digits)
+    context = _client_context(run_id=901)
+    before_round_1 = copy.deepcopy(context.state)
+    app(_message(MessageType.TRAIN, 1, arrays), context)
+    app(_message(MessageType.EVALUATE, 1, arrays), context)
+    after_round_1 = copy.deepcopy(context.state)
+    app(_message(MessageType.TRAIN, 2, arrays), context)
+    app(_message(MessageType.EVALUATE, 2, arrays), context)
+
+    context.state = after_round_1  # the round-2 update is lost
+    with pytest.raises(UserError, match=r"^client 1's state went back: it wrote its state in round 2, but as of round 2 its state is from round 1; an update was lost, so the run stops$"):  # fmt: skip
+        app(_message(MessageType.EVALUATE, 2, arrays), context)
+    with pytest.raises(UserError, match=r"in round 2, but as of round 3 its state is from round 1"):
+        app(_message(MessageType.TRAIN, 4, arrays), context)
+    context.state = before_round_1
+    with pytest.raises(UserError, match=r"in round 2, but as of round 2 its state is none"):
+        app(_message(MessageType.EVALUATE, 2, arrays), context)
+
+    # round 2 run again from round 1's state (a retry) is no regression; nor is a client
+    # this process never saw write
+    context.state = copy.deepcopy(after_round_1)
+    app(_message(MessageType.TRAIN, 2, arrays), context)
+    app(_message(MessageType.EVALUATE, 5, arrays), _client_context(run_id=902))
+
+
+def test_fedbn_mod_stops_a_client_whose_batchnorm_went_back():
+    torch.manual_seed(0)
+    initial = ArrayRecord(bn_model().state_dict())
+    context = _client_context(run_id=903)
+
+    def handler(message: Message, context: Context) -> Message:
+        arrays = message.content["arrays"]
+        if message.metadata.message_type != MessageType.TRAIN:
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=message)
+        trained = ArrayRecord({key: Array(np.asarray(arrays[key].numpy() + 1)) for key in arrays.keys()})
+        return Message(RecordDict({"arrays": trained, "metrics": MetricRecord({"num-examples": 1})}), reply_to=message)
+
+    fedbn_mod(_message(MessageType.TRAIN, 1, initial), context, handler)
+    after_round_1 = copy.deepcopy(context.state)
+    fedbn_mod(_message(MessageType.TRAIN, 2, initial), context, handler)
+    fedbn_mod(_message(MessageType.EVALUATE, 2, initial), context, handler)
+    context.state = after_round_1
+    with pytest.raises(UserError, match=r"^client 1's state went back: it wrote its state in round 2, but as of round 2 its state is from round 1"):  # fmt: skip
+        fedbn_mod(_message(MessageType.EVALUATE, 2, initial), context, handler)
+    fedbn_mod(_message(MessageType.TRAIN, 2, initial), context, handler)  # round 2 again: no regression

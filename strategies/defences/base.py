@@ -63,6 +63,7 @@ from fedsim.checks import check, check_integer
 from fedsim.notices import warn
 from fedsim.protocols import Stateful
 from fedsim.seeding import derive_seed
+from strategies.flower_start import StartsOnceNodesAreOnline
 
 STATE_PREFIX = "defence."
 ACCEPTED, REJECTED = "defence-accepted", "defence-rejected"
@@ -156,7 +157,7 @@ def cosine_similarities(vectors: np.ndarray) -> np.ndarray:
     return np.clip(unit @ unit.T, -1.0, 1.0)
 
 
-class Defence(Strategy):
+class Defence(StartsOnceNodesAreOnline, Strategy):
     """A robust aggregation wrapped around any Flower strategy (see the module docstring).
 
     Subclasses implement :meth:`aggregate_updates`; ``seed`` (the experiment's) seeds the
