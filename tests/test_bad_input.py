@@ -24,7 +24,7 @@ Decisions recorded here:
   simulated client stays a client failure (exit code 1, tests/test_custom_strategy.py).
 
 RUN_DIRECTORY_CASES (damaged run directories) belong to the checkpoint and run-directory
-code (fedsim/results.py, fedsim/run.py), which is being rewritten: they state the
+code (fedsim/results.py, fedsim/runner.py), which is being rewritten: they state the
 behaviour expected of it.
 """
 
@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -589,8 +590,53 @@ def test_console_script_prints_one_line(case, words, tmp_path):
     assert_one_line_error(done.returncode, done.stderr, words)
 
 
+def unused_local_address() -> str:
+    """A ``host:port`` on this machine that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "words"),
+    [
+        (
+            "unreachable Ray address",
+            ["engine.name=ray", "engine.address={address}"],
+            ["[engine] address = '{address}'", "no Ray cluster answers there", "ray start --head"],
+        ),
+        (
+            "unreachable Ray address, Flower's engine",
+            ["engine.name=flower", "engine.address={address}"],
+            ["[engine] address = '{address}'", "no Ray cluster answers there"],
+        ),
+        (
+            "missing dataset file",
+            ["dataset.name=mnist", "dataset.root={root}"],
+            ["mnist: missing", "fedsim data download mnist"],
+        ),
+        ("bad key", ["partition.alhpa=0.1"], ["[partition] unknown key 'alhpa'", "valid keys"]),
+    ],
+)
+def test_console_script_says_what_a_newcomer_got_wrong_in_one_line(case, overrides, words, tmp_path):
+    """Nothing of Ray's or Flower's own logs comes before fedsim's one line on stderr."""
+    address, root = unused_local_address(), tmp_path / "no-data"
+    root.mkdir()
+    (tmp_path / "experiment.toml").write_text(BASE)
+    sets = [f"--set={option.format(address=address, root=root)}" for option in overrides]
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsim", "run", "experiment.toml", *sets, "--out", "out", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        timeout=300,
+    )
+    assert_one_line_error(done.returncode, done.stderr, [words_.format(address=address) for words_ in words])
+
+
 # --- run directories: what fedsim run should say about a damaged one -------------------------
-# The checkpoint and run-directory code (fedsim/results.py, fedsim/run.py) is being rewritten;
+# The checkpoint and run-directory code (fedsim/results.py, fedsim/runner.py) is being rewritten;
 # these cases state the expected behaviour: one line naming the damaged file, exit code 2.
 
 

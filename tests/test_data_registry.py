@@ -7,9 +7,11 @@ import inspect
 import pytest
 
 from fedsim.build import parameter_defaults
+from fedsim.build.checks import fits
 from fedsim.cli import main
 from fedsim.data import DATASETS
 from fedsim.data.sources import SOURCES
+from fedsim.models import MODELS
 from fedsim.registry import validate_parameters
 
 
@@ -33,11 +35,27 @@ def test_every_loader_option_is_typed_so_config_validation_checks_it():
 def test_fedsim_list_shows_classes_shape_domains_and_availability(capsys):
     assert main(["list"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
-    assert "10 classes, 3x28x28, domains: mnist, digits, mnist-m, synth, texture; offline" in lines["digits-domains"]
-    assert "100 classes, 3x32x32; needs local files: fedsim data download cifar100" in lines["cifar100"]
     assert (
-        "domains: art_painting, cartoon, photo, sketch; needs local files: see fedsim data info pacs" in lines["pacs"]
+        "10 classes, 3x28x28, domains: mnist, digits, mnist-m, synth, texture; default model lenet; offline"
+        in lines["digits-domains"]
     )
+    assert "10 classes, 1x8x8; default model mlp; offline" in lines["digits"]
+    assert (
+        "100 classes, 3x32x32; default model lenet; needs local files: fedsim data download cifar100"
+        in lines["cifar100"]
+    )
+    assert (
+        "domains: art_painting, cartoon, photo, sketch; default model alexnet; needs local files: see fedsim data info pacs"
+        in lines["pacs"]
+    )
+
+
+def test_every_dataset_default_model_fits_its_inputs():
+    """The model an experiment without ``[model] name`` gets sees the whole input: no
+    convolution or pooling window wider than the map it slides over."""
+    for name, info in DATASETS.items():
+        assert info.model in MODELS, name
+        assert fits(info.model, {}, info.shape, len(info.classes)), f"{name}: {info.model} does not fit {info.shape}"
 
 
 @pytest.mark.parametrize(

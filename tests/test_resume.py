@@ -18,7 +18,7 @@ import pytest
 from fedsim import checkpoint as checkpoints
 from fedsim.cli import main
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 
 from .conftest import QUICKSTART, TINY, full_or_ci, tiny_experiment, tiny_overrides
 
@@ -216,6 +216,7 @@ def test_a_planted_pickle_is_refused_and_never_run(where, tmp_path, capsys):
     assert (tmp_path / "run" / where).exists(), "the file a resume reads"
     marker = tmp_path / "pwned"
     _plant_pickle(tmp_path / "run" / where, marker)
+    capsys.readouterr()  # the interrupted run's own output
     assert main(_args(tmp_path, "strategy.name=fedbn", "model.name=resnet", "model.width=4")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and where.split("/")[-1] in err

@@ -26,6 +26,7 @@ from fedsim.config import (
     SWEEP_TABLE,
     TABLE_NAMES,
     Experiment,
+    ModelTable,
     ObserverTable,
     apply_overrides,
     parse_experiment,
@@ -33,11 +34,12 @@ from fedsim.config import (
     read_experiment_file,
 )
 from fedsim.data import DATASETS
-from fedsim.data.features import FEATURE_EXTRACTORS
+from fedsim.data.features import FEATURE_EXTRACTORS, NO_FEATURES
 from fedsim.engine import ENGINES
 from fedsim.errors import UserError
 from fedsim.lookups import DEFENCE, DEFENCE_OPTIONS, defence_of, resolve_strategy, strategy_params, trainer_class
 from fedsim.models import MODELS
+from fedsim.observers.tracking import check_backends
 from fedsim.registry import accepted_parameters, lookup, validate_parameters
 from partitioners import PARTITIONERS
 from strategies import STRATEGIES
@@ -115,6 +117,9 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
     try:
         dataset = lookup(DATASETS, experiment.dataset.name, "dataset").loader
         extractor = lookup(FEATURE_EXTRACTORS, experiment.features.name, "features")
+        if experiment.model.name is None:
+            model = ModelTable(**experiment.model.params, name=default_model(experiment))
+            experiment = experiment.model_copy(update={"model": model})
         model_cls = lookup(MODELS, experiment.model.name, "model")
         partitioner_cls = lookup(PARTITIONERS, experiment.partition.name, "partition")
         strategy_cls = resolve_strategy(experiment.strategy.name)
@@ -169,9 +174,22 @@ def resolve(experiment: Experiment, source: str, inherited: dict[str, set[str]] 
         if resolved.attack:
             resolved.attack = resolve_attack_tables(resolved, num_clients if known else None)
         resolved.observer = [resolve_observer_table(table, number) for number, table in enumerate(resolved.observer, 1)]
+        check_backends(resolved.tracking)
     except UserError as error:
         raise UserError(f"{source}: {error}") from None
     return resolved
+
+
+def default_model(experiment: Experiment) -> str:
+    """The model an experiment without ``[model] name`` trains: its dataset's
+    (:attr:`fedsim.data.DatasetInfo.model`), or the MLP on a ``[features]`` extractor's
+    embeddings, which are flat vectors."""
+    if experiment.features.name != NO_FEATURES:
+        return FLAT_INPUTS_MODEL
+    return DATASETS[experiment.dataset.name].model
+
+
+FLAT_INPUTS_MODEL = "mlp"
 
 
 def _required_model_options(strategy_cls: type[Strategy], model_cls: type, experiment: Experiment) -> dict[str, Any]:

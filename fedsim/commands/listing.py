@@ -31,7 +31,9 @@ def execute(args: argparse.Namespace) -> int:
         shape = "x".join(map(str, info.shape))
         domains = f", domains: {', '.join(info.domains)}" if info.domains else ""
         where = "offline" if info.offline else f"needs local files: {_how_to_get(name)}"
-        datasets[name] = f"{info.description} [{len(info.classes)} classes, {shape}{domains}; {where}]"
+        datasets[name] = (
+            f"{info.description} [{len(info.classes)} classes, {shape}{domains}; default model {info.model}; {where}]"
+        )
     section("datasets", datasets)
     section("partitioners", {name: describe(cls) for name, cls in PARTITIONERS.items()})
     section("models", {name: describe(cls) for name, cls in MODELS.items()})

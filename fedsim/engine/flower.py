@@ -9,7 +9,6 @@ engines.py``), and learns which node is which client by asking every node once a
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 from flwr.app import Context
@@ -19,8 +18,9 @@ from pydantic import Field
 
 from fedsim.engine.base import ServerMain
 from fedsim.engine.inprocess import Device
-from fedsim.engine.ray import quiet_ray_environment
+from fedsim.engine.ray import check_address_form, check_reachable, quiet_ray_environment
 from fedsim.environment import RunEnvironment
+from fedsim.flower_log import ray_log_options
 from partitioners import Partition
 
 
@@ -34,6 +34,7 @@ class FlowerEngine:
         address: str | None = None,
         device: Device = "auto",
     ) -> None:
+        check_address_form(address)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.address = address
@@ -47,7 +48,7 @@ class FlowerEngine:
         return max(1, int(self.num_cpus))
 
     def backend_config(self) -> dict:
-        init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
+        init_args = ray_log_options()
         if self.address:
             init_args["address"] = self.address
         return {
@@ -60,6 +61,7 @@ class FlowerEngine:
     ) -> None:
         from flwr.simulation import run_simulation
 
+        check_reachable(self.address, "[engine] address")  # else Ray retries it for minutes, logging each try
         quiet_ray_environment()
         server_app = ServerApp()
 

@@ -19,7 +19,6 @@ failed client, and the round goes on.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -39,6 +38,7 @@ from fedsim.engine.inprocess import Device, Vectorize
 from fedsim.engine.tasks import ClientTask, TaskResult, run_tasks
 from fedsim.environment import RunEnvironment
 from fedsim.errors import ClientFailure, UserError
+from fedsim.flower_log import ray_log_options
 from fedsim.notices import warn
 from fedsim.worker import settle_garbage_collector, worker_for
 from partitioners import Partition
@@ -67,9 +67,8 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
     options = dict(
         address=address,
         include_dashboard=False,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
+        **ray_log_options(),
     )
     try:
         for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
@@ -116,11 +115,23 @@ def _stop_half_started_node(error: Exception) -> None:
         traceback = traceback.tb_next
 
 
+def check_address_form(address: str | None) -> None:
+    """A Ray address is ``auto``, ``host:port`` or ``ray://host:port`` (a ValueError, which
+    the experiment's validation reports as a one-line error naming the key)."""
+    if address not in (None, "auto") and not re.fullmatch(r"(ray://)?[^:/\s]+:\d+", address):
+        raise ValueError(f"address = {address!r} is invalid: use 'auto', 'host:port' or 'ray://host:port'")
+
+
 def check_reachable(address: str | None, where: str, timeout_s: float = 5.0) -> None:
     """Fail at once, in one line, when nothing listens at a ``host:port`` or
-    ``ray://host:port`` address: Ray itself retries such an address for minutes."""
-    if not address or address == "auto":
+    ``ray://host:port`` address, or when ``auto`` finds no cluster: Ray itself retries
+    such an address for minutes (Flower's runtime, logging a traceback each time)."""
+    if not address:
         return
+    if address == "auto":
+        address = _address_auto_finds(where)
+        if address is None:
+            return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
@@ -129,6 +140,24 @@ def check_reachable(address: str | None, where: str, timeout_s: float = 5.0) -> 
         raise UserError(
             f"{where} = {address!r}: no Ray cluster answers there ({reason}); start one with "
             "`ray start --head`, or correct the address"
+        ) from None
+
+
+def _address_auto_finds(where: str) -> str | None:
+    """The ``host:port`` that ``address = "auto"`` stands for (``RAY_ADDRESS``, else the
+    cluster `ray start` started on this machine); a one-line error when there is none.
+    None when this Ray has moved the private helper that ``ray.init`` uses for it, and so
+    leaves the answer to ``ray.init``."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+    except ImportError:
+        return None
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as error:
+        raise UserError(
+            f"{where} = 'auto': no Ray cluster there ({_first_line(error)}); start one with `ray start --head`, "
+            "or leave address out to start Ray on this machine"
         ) from None
 
 
@@ -160,8 +189,7 @@ class RayEngine:
             raise ValueError(f"num_gpus = {num_gpus} is invalid: a worker takes a fraction of one GPU or whole GPUs")
         if device == "cpu" and num_gpus:
             raise ValueError(f"num_gpus = {num_gpus} reserves GPUs that device = 'cpu' would not use; remove one")
-        if address not in (None, "auto") and not re.fullmatch(r"(ray://)?[^:/\s]+:\d+", address):
-            raise ValueError(f"address = {address!r} is invalid: use 'auto', 'host:port' or 'ray://host:port'")
+        check_address_form(address)
         self.num_workers = num_workers
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
