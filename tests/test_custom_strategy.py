@@ -1,10 +1,10 @@
-"""Plugging in a strategy without editing fedsim: the README's example, by reference and
-by entry point; and fedsim's strategies inside Flower's own Strategy.start loop."""
+"""Plugging in a strategy without editing fedsim: the example of docs/guide/own-strategy.md,
+by reference and by entry point; and fedsim's strategies inside Flower's own Strategy.start
+loop."""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 import textwrap
 
@@ -17,35 +17,34 @@ from fedsim.data import load_dataset
 from fedsim.engine import InProcessGrid
 from fedsim.environment import RunEnvironment
 from fedsim.results import RunDirectory
-from fedsim.run import run_experiment
+from fedsim.runner import run_experiment
 from fedsim.serverapp import train_config
 from fedsim.splitting import split_dataset
 from strategies import STRATEGIES
 
 from .conftest import ROOT, tiny_experiment
+from .docs_pages import code_block_after, page
 
 
-def readme_example() -> str:
-    """The Python block that follows the README's mention of `my_strategy.py`."""
-    readme = (ROOT / "README.md").read_text()
-    after = readme[readme.index("`my_strategy.py`") :]
-    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+def docs_example() -> str:
+    """The Python block that follows the mention of `my_strategy.py` in "Your own strategy"."""
+    return code_block_after(page("guide/own-strategy.md"), "`my_strategy.py`")
 
 
 @pytest.fixture
 def example_module(tmp_path, monkeypatch):
-    (tmp_path / "my_strategy.py").write_text(readme_example())
+    (tmp_path / "my_strategy.py").write_text(docs_example())
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop("my_strategy", None)
 
 
-def test_readme_example_is_about_thirty_lines():
-    lines = [line for line in readme_example().splitlines() if line.strip()]
+def test_the_docs_example_is_about_thirty_lines():
+    lines = [line for line in docs_example().splitlines() if line.strip()]
     assert 15 <= len(lines) <= 35
 
 
-def test_readme_strategy_runs_by_reference(example_module, tmp_path):
+def test_the_docs_strategy_runs_by_reference(example_module, tmp_path):
     experiment = tiny_experiment("strategy.name=my_strategy:ClippedFedAvg", "strategy.max_grad_norm=0.5")
     assert experiment.strategy.params["max_grad_norm"] == 0.5
     result = run_experiment(experiment, tmp_path / "run")
@@ -53,7 +52,7 @@ def test_readme_strategy_runs_by_reference(example_module, tmp_path):
     assert 0 <= result.summary["accuracy"] <= 1
 
 
-def test_readme_strategy_clips_for_real(example_module, tmp_path):
+def test_the_docs_strategy_clips_for_real(example_module, tmp_path):
     """A tiny bound must change training: the clipping reaches the clients."""
     clipped = tiny_experiment("strategy.name=my_strategy:ClippedFedAvg", "strategy.max_grad_norm=0.001")
     plain = tiny_experiment()
