@@ -14,7 +14,11 @@ on storage every machine can read. ``num_gpus`` is each worker's share of a GPU
 (0.125: eight workers share one); left unset, the workers share whatever GPUs the
 cluster has. An actor that dies (out of memory, a crash in native code) is replaced and
 its clients are retried once each; a client that kills its worker twice is reported as a
-failed client, and the round goes on.
+failed client, and the round goes on. An actor lost with its node (a machine that left the
+cluster) is not replaced while the remaining nodes have no room for it: its clients run on
+the surviving workers, which gives the same bits, since every client's result depends on
+the seeds alone; with no worker left, the run stops with a one-line error and resumes from
+its last checkpoint.
 """
 
 from __future__ import annotations
@@ -264,11 +268,14 @@ class WorkerActor:
         self.client_app = client_app
         self.env = env
 
-    def ready(self) -> int:
-        """Load the worker (dataset, partition, model) before the first round; the pid."""
+    def ready(self) -> tuple[int, str]:
+        """Load the worker (dataset, partition, model) before the first round; the pid and
+        the id of the Ray node the actor runs on."""
+        import ray
+
         worker_for(self.env)
         settle_garbage_collector()
-        return os.getpid()
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def run(
         self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask], timeout_s: float | None = None
@@ -278,7 +285,10 @@ class WorkerActor:
 
 class WorkerPool:
     """``size`` WorkerActors, each loaded (data, partition, model) before the first round;
-    replaces any that dies."""
+    replaces any that dies while the cluster's live nodes have room for it.
+
+    ``pids`` and ``nodes``: each actor's process id and Ray node id, in ``actors``' order.
+    """
 
     def __init__(self, client_app: ClientApp, env: RunEnvironment, size: int, num_cpus: float, num_gpus: float) -> None:
         import ray
@@ -287,24 +297,75 @@ class WorkerPool:
             num_cpus=num_cpus, num_gpus=num_gpus
         )
         self._arguments = (client_app, env)
+        self._resources = (num_cpus, num_gpus)
         self.actors = [self._actor_class.remote(*self._arguments) for _ in range(size)]
-        self.pids = self._ready(self.actors)
+        self.pids, self.nodes = map(list, zip(*self._ready(self.actors), strict=True))
 
-    def replace(self, slot: int) -> None:
+    def recover(self, actor: Any, error: BaseException) -> Any | None:
+        """A dead actor's replacement, in its place; or None when the live nodes hold no
+        room for one more worker (its node left the cluster), and the pool shrinks. A
+        one-line ClientFailure when no worker is left (``error``, Ray's word on the last
+        death, goes in its details)."""
         import ray
 
-        ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._actor_class.remote(*self._arguments)
-        self.pids[slot] = self._ready([self.actors[slot]])[0]
+        slot = self.actors.index(actor)
+        ray.kill(actor, no_restart=True)
+        if len(self.actors) <= self.capacity():
+            replacement = self._actor_class.remote(*self._arguments)
+            loaded = self._ready_while_room(replacement)
+            if loaded is not None:
+                self.actors[slot] = replacement
+                self.pids[slot], self.nodes[slot] = loaded
+                return replacement
+        del self.actors[slot], self.pids[slot], self.nodes[slot]
+        if not self.actors:
+            raise ClientFailure(
+                "every Ray worker was lost with its node; the run resumes from its last checkpoint when run "
+                "again on a cluster with room for a worker",
+                str(error),
+            )
+        return None
 
-    @staticmethod
-    def _ready(actors: list) -> list[int]:
+    def capacity(self) -> int:
+        """How many workers the cluster's live nodes can hold, by each node's CPUs and GPUs."""
+        import ray
+
+        num_cpus, num_gpus = self._resources
+        total = 0
+        for node in ray.nodes():
+            if node.get("Alive"):
+                resources = node.get("Resources", {})
+                fits = math.floor(resources.get("CPU", 0.0) / num_cpus + 1e-9)
+                if num_gpus:
+                    fits = min(fits, math.floor(resources.get("GPU", 0.0) / num_gpus + 1e-9))
+                total += fits
+        return total
+
+    def _ready_while_room(self, actor: Any) -> tuple[int, str] | None:
+        """Wait until a replacement has loaded its worker, as :meth:`_ready`; None (and the
+        replacement ended) once the live nodes have no room for it: a worker can die on a
+        node that is leaving before the cluster counts that node as gone."""
+        import ray
+
+        loaded = actor.ready.remote()
+        while not ray.wait([loaded], timeout=1.0)[0]:
+            if len(self.actors) > self.capacity():
+                ray.kill(actor, no_restart=True)
+                return None
+        return self._loaded([loaded])[0]
+
+    @classmethod
+    def _ready(cls, actors: list) -> list[tuple[int, str]]:
         """Wait until the actors have loaded their workers; a worker that cannot start is a
         one-line error (a UserError from the experiment stays one)."""
+        return cls._loaded([actor.ready.remote() for actor in actors])
+
+    @staticmethod
+    def _loaded(futures: list) -> list[tuple[int, str]]:
         import ray
 
         try:
-            return ray.get([actor.ready.remote() for actor in actors])
+            return ray.get(futures)
         except ray.exceptions.RayTaskError as error:
             if isinstance(error.cause, UserError):
                 raise UserError(str(error.cause)) from None
@@ -365,13 +426,16 @@ class RayGrid(SimulatedGrid):
         }
         results: list[TaskResult | None] = [None] * len(tasks)
         retry: list[int] = []
+        dead = []
         for future, (slot, chunk) in running.items():
             try:
                 for index, result in zip(chunk, ray.get(future), strict=True):
                     results[index] = result
-            except ray.exceptions.RayActorError:
-                self.pool.replace(slot)
+            except ray.exceptions.RayActorError as error:
+                dead.append((self.pool.actors[slot], error))
                 retry += chunk
+        for actor, error in dead:
+            self.pool.recover(actor, error)
         self._retry_one_by_one(shared_ref, tasks, sorted(retry), results)
         return results  # type: ignore[return-value]
 
@@ -379,24 +443,27 @@ class RayGrid(SimulatedGrid):
         self, shared_ref: Any, tasks: Sequence[ClientTask], indices: list[int], results: list[TaskResult | None]
     ) -> None:
         """Run each task of a dead worker once more, alone, so that a client that kills its
-        worker again fails by itself; at most one task per actor at a time."""
+        worker again fails by itself; at most one task per actor at a time. A task whose
+        worker was lost with its node goes back in the queue (the client did nothing wrong)."""
         import ray
 
         pending, running = deque(indices), {}
-        idle = list(range(len(self.pool.actors)))
+        idle = list(self.pool.actors)
         while pending or running:
             while pending and idle:
-                slot, index = idle.pop(), pending.popleft()
-                task = self.pool.actors[slot].run.remote(shared_ref, [tasks[index]], self.client_timeout_s)
-                running[task] = (slot, index)
+                actor, index = idle.pop(), pending.popleft()
+                running[actor.run.remote(shared_ref, [tasks[index]], self.client_timeout_s)] = (actor, index)
             [future], _ = ray.wait(list(running), num_returns=1)
-            slot, index = running.pop(future)
+            actor, index = running.pop(future)
             try:
                 results[index] = ray.get(future)[0]
             except ray.exceptions.RayActorError as error:
-                self.pool.replace(slot)
-                results[index] = _worker_died(tasks[index], error)
-            idle.append(slot)
+                replacement = self.pool.recover(actor, error)
+                if replacement is None:
+                    pending.append(index)
+                    continue
+                results[index], actor = _worker_died(tasks[index], error), replacement
+            idle.append(actor)
 
 
 def _worker_died(task: ClientTask, error: Exception) -> TaskResult:
