@@ -38,7 +38,8 @@ QUICKSTART_FIGURES = {
 }
 FEW_ROUNDS_FIGURES = {
     "digits": Figure(10, 0.694, 0.55),
-    "mnist5k": Figure(6, 0.647, 0.50),
+    # 10 rounds, not fewer: round 6 read 0.647 here and 0.477 with AVX2 kernels, round 10 0.875 and 0.865
+    "mnist5k": Figure(10, 0.875, 0.75),
     "digits-domains": Figure(10, 0.690, 0.55),
     "synthetic": Figure(3, 0.951, 0.85),
 }
