@@ -77,14 +77,19 @@ class AttackPlan:
         twice = sorted({client for client in named if named.count(client) > 1})
         if twice:
             raise UserError(f"[[attack]] clients {twice} are named by two attackers; an attacker's clients are its own")
-        free = [client for client in range(num_clients) if client not in set(named)]
         wanted = sum(table.count or 0 for table in tables)
-        if wanted > len(free):
+        free = num_clients - len(named)
+        if wanted > free:
             raise UserError(
-                f"[[attack]] counts ask for {wanted} clients but only {len(free)} of {num_clients} are not named; "
+                f"[[attack]] counts ask for {wanted} clients but only {free} of {num_clients} are not named; "
                 "lower count or use more clients"
             )
-        drawn = list(np.random.default_rng(derive_seed(experiment.seed, "attackers")).permutation(free)[:wanted])
+        drawn = []
+        if wanted:  # from the clients no table names, in id order (a mask: a population has millions)
+            unnamed = np.ones(num_clients, dtype=bool)
+            unnamed[named] = False
+            rng = np.random.default_rng(derive_seed(experiment.seed, "attackers"))
+            drawn = list(rng.permutation(np.flatnonzero(unnamed))[:wanted])
         attackers = []
         for index, table in enumerate(tables):
             if table.clients is not None:

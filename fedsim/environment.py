@@ -17,12 +17,14 @@ import torch
 from fedsim.config import Experiment
 from fedsim.data import Dataset, load_dataset
 from fedsim.data.features import with_features
+from fedsim.data.population import Population
 from fedsim.models import build_model
 from fedsim.training import resolve_device
 
 
-def experiment_dataset(experiment: Experiment) -> Dataset:
-    """The experiment's dataset, through its ``[features]`` extractor when it names one."""
+def experiment_dataset(experiment: Experiment) -> Dataset | Population:
+    """The experiment's dataset (or lazy population), through its ``[features]`` extractor
+    when it names one."""
     dataset = load_dataset(experiment.dataset.name, **experiment.dataset.params)
     return with_features(dataset, experiment.features.name, **experiment.features.params)
 
@@ -51,7 +53,7 @@ class RunEnvironment:
             torch.set_num_threads(self.threads)
         return resolve_device(self.device, fall_back_to_cpu=server)
 
-    def dataset(self) -> Dataset:
+    def dataset(self) -> Dataset | Population:
         return experiment_dataset(self.experiment)
 
     def new_model(self) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +63,7 @@ class FaultPlan:
                 return kind
         return None
 
-    def inject(self, messages: Iterable[Message], server_round: int, clients: dict[int, int]) -> list[Message]:
+    def inject(self, messages: Iterable[Message], server_round: int, clients: Mapping[int, int]) -> list[Message]:
         """The round's train messages, a faulty client's with the fault in its own config."""
         marked = []
         for message in messages:
@@ -158,7 +158,7 @@ class Screen:
     max_update_norm: float | None = None
 
     def train(
-        self, replies: list[Message], server_round: int, clients: dict[int, int], sent: ArrayRecord
+        self, replies: list[Message], server_round: int, clients: Mapping[int, int], sent: ArrayRecord
     ) -> tuple[list[Message], RoundFaults]:
         """The useful train replies, and what was set aside; fewer useful replies than
         ``min_replies`` stops the run with the first failure's message."""
@@ -191,7 +191,7 @@ class Screen:
         return useful, faults
 
     def evaluate(
-        self, replies: list[Message], server_round: int, clients: dict[int, int]
+        self, replies: list[Message], server_round: int, clients: Mapping[int, int]
     ) -> tuple[list[Message], RoundFaults]:
         """The evaluation replies without errors (a failed evaluation only loses its figures)."""
         faults = RoundFaults()

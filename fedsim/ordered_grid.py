@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import PARTITION_ID_KEY
@@ -23,12 +23,35 @@ from fedsim.faults import drops_out, failure_line, raise_user_error
 from fedsim.trainer import CONFIG_KEY
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> dict[int, int]:
+class NumberedNodes(Mapping[int, int]):
+    """Node id -> client id where node ``first_node + i`` is client ``i`` (fedsim's own
+    grids): two integers, however many clients, and its nodes a ``range``."""
+
+    def __init__(self, first_node: int, num_clients: int) -> None:
+        self.nodes = range(first_node, first_node + num_clients)
+
+    def __getitem__(self, node: int) -> int:
+        if node not in self.nodes:
+            raise KeyError(node)
+        return node - self.nodes.start
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.nodes
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout_s: float = 300.0) -> Mapping[int, int]:
     """Ask every node which client (partition id) it is: node id -> client id.
 
     Engines number nodes their own way (Flower's draws them at random); the client id is
     what data, seeds and results are keyed by. fedsim's own grids know the answer
-    (``partition_ids``); any other Grid is asked, one query message per node.
+    (``partition_ids``, a :class:`NumberedNodes`); any other Grid is asked, one query
+    message per node.
     """
     known = getattr(grid, "partition_ids", None)
     if known is not None:
@@ -81,12 +104,12 @@ class ArrayTraffic:
         self.down: Counter[int] = Counter()
         self.up: Counter[int] = Counter()
 
-    def sent(self, messages: list[Message], clients: dict[int, int]) -> None:
+    def sent(self, messages: list[Message], clients: Mapping[int, int]) -> None:
         """Messages about to be sent."""
         for message in messages:
             self.down[clients[message.metadata.dst_node_id]] += array_bytes(message)
 
-    def received(self, messages: list[Message], replies: list[Message], clients: dict[int, int]) -> None:
+    def received(self, messages: list[Message], replies: list[Message], clients: Mapping[int, int]) -> None:
         """The replies the engine returned to ``messages``."""
         dropped = {message.metadata.dst_node_id for message in messages if drops_out(message)}
         for reply in replies:
@@ -112,10 +135,11 @@ class OrderedGrid(Grid):
     uncounted.
     """
 
-    def __init__(self, grid: Grid, clients: dict[int, int]) -> None:
+    def __init__(self, grid: Grid, clients: Mapping[int, int]) -> None:
         self._grid = grid
         self.clients = clients
-        self._nodes = sorted(clients, key=clients.__getitem__)
+        # numbered nodes are in client order already, and a range lists millions for free
+        self._nodes = clients.nodes if isinstance(clients, NumberedNodes) else sorted(clients, key=clients.__getitem__)
         self.traffic = ArrayTraffic()
 
     def set_run(self, run: Run) -> None:
@@ -129,7 +153,14 @@ class OrderedGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._nodes)
+        """Every node, in client order."""
+        return self._nodes if isinstance(self._nodes, range) else list(self._nodes)
+
+    @property
+    def node_range(self) -> range | None:
+        """The nodes as a ``range`` on fedsim's own grids (else None), which fedsim's
+        strategies sample without listing them (:mod:`strategies.flower_start`)."""
+        return self._nodes if isinstance(self._nodes, range) else None
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)

@@ -14,14 +14,21 @@ from fedsim import atomic
 from fedsim.build import make_partitioner
 from fedsim.config import Experiment
 from fedsim.data import Dataset
+from fedsim.data.population import Population, sample_clients
 from fedsim.errors import UserError
-from partitioners import DriftStream, Partition, Partitioner
+from fedsim.notices import note
+from partitioners import DriftStream, Partition, Partitioner, PopulationPartition
 from partitioners.drift import EVENT_NAMES
 from partitioners.embedders import embed
 from partitioners.skew import SkewReport
 
+# A population's skew measures and partition plots look at this many of its clients.
+SKEW_SAMPLE_CLIENTS = 1000
 
-def split_dataset(experiment: Experiment, dataset: Dataset) -> Partition:
+
+def split_dataset(experiment: Experiment, dataset: Dataset | Population) -> Partition:
+    if isinstance(dataset, Population):
+        return population_partition(experiment, dataset)
     partitioner = make_partitioner(experiment)
     inputs = partition_inputs(experiment, dataset, partitioner)
     try:
@@ -35,6 +42,33 @@ def split_dataset(experiment: Experiment, dataset: Dataset) -> Partition:
             "needs at least 2 (raise min_size or use fewer clients)"
         )
     return partition
+
+
+def population_partition(experiment: Experiment, population: Population) -> PopulationPartition:
+    """One client per member of a lazy population: only the natural partition applies."""
+    name, params = experiment.partition.name, experiment.partition.params
+    if name != "natural":
+        raise UserError(
+            f"[partition] name = {name!r} needs every training label at once, which a lazy population never "
+            'holds; use name = "natural" (one client per device) or set [dataset] lazy = false'
+        )
+    wanted = params.get("num_clients")
+    if wanted is not None and wanted != population.num_clients:
+        raise UserError(
+            f"[partition] num_clients = {wanted} must equal the population's {population.num_clients} devices; "
+            f"set num_clients = {population.num_clients} or leave it out"
+        )
+    return PopulationPartition(population.num_clients, population.num_classes)
+
+
+def sampled_partition(population: Population, count: int = SKEW_SAMPLE_CLIENTS) -> tuple[Partition, np.ndarray]:
+    """A sample of ``count`` of a population's clients as an ordinary partition of their
+    labels (client i of it is population client ``ids[i]``), and ``ids``."""
+    ids = sample_clients(population.num_clients, count)
+    labels = [population.client_samples(int(client))[1] for client in ids]
+    bounds = np.cumsum([len(y) for y in labels])
+    indices = np.split(np.arange(bounds[-1], dtype=np.int64), bounds[:-1])
+    return Partition(indices, np.concatenate(labels), population.num_classes), ids
 
 
 def partition_inputs(experiment: Experiment, dataset: Dataset, partitioner: Partitioner) -> dict[str, Any]:
@@ -91,6 +125,8 @@ def describe_partition(
     # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plot_heatmap
 
+    if isinstance(partition, PopulationPartition):
+        return describe_population(experiment, dataset, out, labels_plot)
     embeddings = None
     if "cluster" in partition.groups or dataset.domain_train is not None:
         partitioner = make_partitioner(experiment)
@@ -131,6 +167,36 @@ def describe_partition(
         )
     if isinstance(partition, DriftStream):
         describe_stream(name, partition, out / "plots")
+    return report
+
+
+def describe_population(experiment: Experiment, population: Population, out: Path, labels_plot: str) -> SkewReport:
+    """:func:`describe_partition` for a lazy population: the skew of a sample of its
+    clients (all of them when there are no more than :data:`SKEW_SAMPLE_CLIENTS`), said in
+    skew.json's ``sample`` section, the plot's title and a note."""
+    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
+    from fedsim.plots import plot_heatmap
+
+    sampled, ids = sampled_partition(population)
+    report = sampled.skew()
+    described = report.to_dict()
+    described["sample"] = {
+        "clients_measured": len(ids),
+        "clients_registered": population.num_clients,
+        "client_ids": ids.tolist(),
+    }
+    atomic.write_text(out / "skew.json", json.dumps(described, indent=2) + "\n")
+    of = f"{len(ids):,} of {population.num_clients:,} clients"
+    if len(ids) < population.num_clients:
+        note(f"skew measures and partition plots cover a sample of {of} (skew.json's sample section)")
+    plot_heatmap(
+        sampled.label_matrix(),
+        out / "plots" / labels_plot,
+        f"{experiment.partition.name}: samples per client and class, a sample of {of} "
+        f"(mean Hellinger {report.summary['mean_hellinger']:.3f})",
+        "class",
+        population.classes,
+    )
     return report
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from fedsim.attack_plan import AttackPlan
 from fedsim.data import ClientData, Dataset
 from fedsim.data.dataset import local_split
+from fedsim.data.population import Population
 from fedsim.data.transforms import view_samples
 from fedsim.environment import RunEnvironment
 from fedsim.lookups import strategy_trainer
@@ -30,6 +31,8 @@ from fedsim.state import ClientStateStore
 from fedsim.trainer import ClientTrainer
 from fedsim.vectorize import auto_k, vectorizable
 from partitioners import Partition
+
+POPULATION_VIEWS = 2048  # a lazy population's client views a worker keeps (the latest)
 
 
 class Worker:
@@ -42,7 +45,7 @@ class Worker:
         # paying for it here keeps a one-off import out of the first client's time.
         import torch._dynamo  # noqa: F401
 
-        self.dataset: Dataset = env.dataset()
+        self.dataset: Dataset | Population = env.dataset()
         self.partition = Partition.load(env.run_dir / "partition.npz")
         self.state_store = ClientStateStore(env.run_dir / "client_state")
         self.trainer: ClientTrainer = strategy_trainer(env.experiment)
@@ -91,7 +94,8 @@ class Worker:
         the round's slot (a static partition has one), split once per process.
 
         Views of a disjoint partition together hold at most one copy of the training set;
-        a drift stream's views of slots this worker has moved past are dropped.
+        a drift stream's views of slots this worker has moved past are dropped, and of a lazy
+        population's clients only the last :data:`POPULATION_VIEWS` are kept.
         """
         return self.client_data_at(client, self.partition.slot_of(server_round))
 
@@ -99,6 +103,8 @@ class Worker:
         """The client's data in time slot ``slot``."""
         key = (client, slot)
         if key not in self._views:
+            if isinstance(self.dataset, Population) and len(self._views) >= POPULATION_VIEWS:
+                del self._views[next(iter(self._views))]  # the oldest: a population's data is remade on demand
             self._views[key] = self._load_view(client, slot)
             stale = [old for old in self._views if old[0] == client and old[1] < slot - 1]
             for old in stale:  # a method looks back one slot at most through `earlier`; more is rebuilt
@@ -108,6 +114,9 @@ class Worker:
     def _load_view(self, client: int, slot: int) -> ClientData:
         experiment = self.env.experiment
         fraction = experiment.client.local_test_fraction
+        if isinstance(self.dataset, Population):  # made now from (data seed, client), as the natural split would
+            x, y = self.dataset.client_samples(client)
+            return local_split(x, y, None, fraction, derive_seed(experiment.seed, "local-split", client))
         view = self.partition.view_at(client, slot)
         if self.partition.num_slots == 1 and view.is_plain:  # as before drift streams: same seeds, same split
             seed = derive_seed(experiment.seed, "local-split", client)

@@ -21,6 +21,7 @@ from partitioners.iid import IID
 from partitioners.label import Pathological, Shards
 from partitioners.mixture import LabelMixture
 from partitioners.natural import NaturalPartitioner
+from partitioners.population import PopulationPartition
 from partitioners.quantity import QuantitySkew
 from partitioners.skew import SkewReport, measure_skew
 
@@ -56,6 +57,7 @@ __all__ = [
     "Partition",
     "Partitioner",
     "Pathological",
+    "PopulationPartition",
     "QuantitySkew",
     "Shards",
     "SkewReport",

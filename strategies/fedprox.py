@@ -7,6 +7,8 @@ fedsim's ``fedprox`` asks for ``proximal_mu`` under ``[strategy]`` (the paper tr
 to 1; 0 is allowed when written out, for ablations).
 """
 
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 
 from fedsim.checks import check_number
@@ -18,6 +20,12 @@ class FedProx(StartsOnceNodesAreOnline, FlowerFedProx):
 
     def __init__(self, *, proximal_mu: float, **kwargs) -> None:
         super().__init__(proximal_mu=check_number("proximal_mu", proximal_mu, at_least=0), **kwargs)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        # Flower's FedProx adds the term's weight here, but a round on fedsim's grids samples
+        # before Flower's class is reached (strategies.flower_start): add it first
+        config["proximal-mu"] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
 
 
 __all__ = ["FedProx"]

@@ -14,7 +14,13 @@ the repeats kept, so that a machine that slows down between minutes slows all of
 - **Overhead per client update**: the MLP on ``digits`` with 100 clients x 3 rounds, where
   a client's training is tiny: (engine's rounds - plain loop) / client updates, in ms.
 - **Scale**: ``synthetic`` data, one client per device, 10 clients sampled per round out
-  of 100, 1,000 and 10,000 registered: seconds per round and the driver's peak RSS.
+  of 100, 1,000 and 10,000 registered: seconds per round and the driver's peak RSS
+  (keys ``<engine>/<registered>``). Then a lazy population (``[dataset] lazy = true``)
+  with 1,000 clients sampled per round out of 10,000, 1,000,000 and 10,000,000 registered
+  (keys ``<engine>/<registered>/lazy``), interleaved: seconds per round, the start-up
+  (the whole command less its rounds), the driver's peak RSS, and per engine
+  ``10000000_over_10000`` (seconds per round) and ``bytes_per_registered_client`` (the
+  driver's peak RSS at 10M less at 10k, over the 9,990,000 clients between).
 - **Vectorised clients** (``[engine] vectorize = K``, in-process): client updates per
   second at K = 1 (one client at a time), 4, 16 and 64, interleaved, on W1, on the MLP
   workload above and on FedBN's digit CNN on ``digits-domains`` (its mnist and synth
@@ -200,6 +206,62 @@ def scale(engines: list[str], sizes: list[int], sampled: int, rounds: int) -> di
     return results
 
 
+POPULATION_SIZES = [10_000, 1_000_000, 10_000_000]
+
+
+def population_scale(engines: list[str], sizes: list[int], sampled: int, rounds: int, repeats: int) -> dict:
+    """A lazy Synthetic population: seconds per round, start-up and driver peak RSS with
+    ``sampled`` clients per round out of each number registered; the runs interleaved
+    (size after size, engine after engine) and the median of ``repeats`` kept."""
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for size in sizes:
+            overrides = [
+                "name=bench-population",
+                "dataset.name=synthetic",
+                "dataset.lazy=true",
+                f"dataset.num_devices={size}",
+                "dataset.size_distribution=equal",
+                "dataset.samples_per_device=25",
+                "partition.name=natural",
+                f"partition.num_clients={size}",
+                "model.name=mlp",
+                f"strategy.fraction_train={sampled / size}",
+                f"rounds={rounds}",
+            ]
+            for engine in engines:
+                runs.setdefault(f"{engine}/{size}/lazy", []).append(
+                    run_fedsim(W1, [*overrides, *ENGINE_OVERRIDES[engine]])
+                )
+    results: dict = {}
+    for key, measured in runs.items():
+        rounds_s = statistics.median(run["rounds_s"] for run in measured)
+        command_s = statistics.median(run["command_s"] for run in measured)
+        results[key] = {
+            "sampled": sampled,
+            "seconds_per_round": rounds_s / rounds,
+            "startup_s": command_s - rounds_s,
+            "peak_rss_mib": statistics.median(run["peak_rss_mib"] for run in measured),
+            "command_s": command_s,
+        }
+        print(
+            f"  population {key:22s}: {rounds_s / rounds:.3f} s/round, start-up {command_s - rounds_s:.1f} s, "
+            f"driver peak RSS {results[key]['peak_rss_mib']:.0f} MiB"
+        )
+    smallest, largest = min(sizes), max(sizes)
+    for engine in engines:
+        low, high = results[f"{engine}/{smallest}/lazy"], results[f"{engine}/{largest}/lazy"]
+        ratio = high["seconds_per_round"] / low["seconds_per_round"]
+        per_client = (high["peak_rss_mib"] - low["peak_rss_mib"]) * 2**20 / (largest - smallest)
+        results[f"{engine}/{largest}_over_{smallest}"] = ratio
+        results[f"{engine}/bytes_per_registered_client"] = per_client
+        print(
+            f"  population {engine:9s}: s/round at {largest:,} over {smallest:,} registered {ratio:.2f}x, "
+            f"{per_client:.1f} bytes of driver RSS per registered client"
+        )
+    return results
+
+
 # Vectorised-clients workloads: overrides of W1, and client updates per run
 VECTOR_WORKLOADS = {
     "w1": ([], 20 * 5),
@@ -322,8 +384,11 @@ def main() -> None:
     if "scale" not in args.skip:
         print("Scale (10 clients sampled per round):")
         sizes = [100, 1_000, 10_000]
-        figures["scale"] = scale(
-            [e for e in engines if e != "flower"], sizes, sampled=10, rounds=2 if args.quick else 3
+        scaled = [e for e in engines if e != "flower"]
+        figures["scale"] = scale(scaled, sizes, sampled=10, rounds=2 if args.quick else 3)
+        print("Scale, a lazy population (1,000 clients sampled per round):")
+        figures["scale"].update(
+            population_scale(scaled, POPULATION_SIZES, 1000, rounds=2 if args.quick else 3, repeats=repeats)
         )
 
     if "vectorized" not in args.skip:

@@ -61,7 +61,10 @@ def make_defence(experiment: Experiment, strategy: Strategy, env=None, sampled: 
         if not defence_cls.needs:
             _check_defence_round_size(build(defence_cls, options, where, **fixed), sampled)
         return strategy
-    fixed.update(defence_cls.from_server(server_resources(experiment, env)))
+    try:
+        fixed.update(defence_cls.from_server(server_resources(experiment, env)))
+    except ValueError as error:  # what the server cannot give the defence
+        raise UserError(f"[strategy] defence = {experiment.strategy.params.get('defence')!r}: {error}") from None
     defence = build(defended(type(strategy), defence_cls), options, where, **fixed)
     _check_defence_round_size(defence, sampled)
     return defence

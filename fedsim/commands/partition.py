@@ -18,8 +18,10 @@ examples:
   fedsim partition experiments/drift/feddaa-mnist5k.toml   # a drift stream, drawn slot by slot
 
 Without --out the files go to runs/<name>-<hash of the resolved experiment>-partition:
-  partition.npz                 the clients' index arrays, or a drift stream's views (partitioners.Partition.load)
-  skew.json                     per-client and summary skew measures
+  partition.npz                 the clients' index arrays, or a drift stream's views (partitioners.Partition.load),
+                                or for a lazy population ([dataset] lazy = true) only its number of clients
+  skew.json                     per-client and summary skew measures (of 1,000 sampled clients of a larger
+                                lazy population: see its sample section)
   plots/partition_labels.png    clients x classes heatmap
   plots/partition_clusters.png  clients x clusters, for embedding splits
   plots/partition_domains.png   clients x domains, for datasets with domains

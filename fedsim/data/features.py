@@ -43,7 +43,9 @@ from pydantic import Field
 from fedsim.checks import check_integer
 from fedsim.data.cache import cache_key, cached_arrays
 from fedsim.data.dataset import Dataset
+from fedsim.data.population import Population
 from fedsim.data.pretrained import DEFAULT_RESOLUTION, ENCODERS, encode, load_encoder
+from fedsim.errors import UserError
 from fedsim.models import MODELS, build_model
 from fedsim.registry import build
 
@@ -256,6 +258,11 @@ def with_features(dataset: Dataset, name: str, **options: Any) -> Dataset:
     disk by the dataset's contents, the extractor and its options)."""
     if name == NO_FEATURES:
         return dataset
+    if isinstance(dataset, Population):
+        raise UserError(
+            f"[features] name = {name!r} extracts features of the whole training set, which a lazy "
+            "population never holds; remove [features] or set [dataset] lazy = false"
+        )
     extractor = FEATURE_EXTRACTORS[name]
     if name == "file":  # reading the files costs nothing worth caching
         features = build(extractor, options, "[features]", dataset=dataset)

@@ -28,19 +28,26 @@ follows FedProx's, the one the literature calls Synthetic(alpha, beta).
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from fedsim.checks import check_bool, check_integer
 from fedsim.data.dataset import Dataset
+from fedsim.data.population import Population
 
 DIMENSION = 60
 NUM_CLASSES = 10
 CLASSES = tuple(str(c) for c in range(NUM_CLASSES))
 SIZE_SIGMA = 2.0  # sigma of the authors' lognormal(4, 2) device sizes
 MIN_TRAIN = 2  # every device keeps two training samples: a client needs two
+SIGMA_SQRT = np.sqrt(np.arange(1, DIMENSION + 1, dtype=np.float32) ** -1.2)  # Sigma_jj = j^-1.2
+DEVICE_STREAM = zlib.crc32(b"device")  # device k draws from the generator seeded (seed, this, k)
+MAX_EAGER_DEVICES = 1_000_000  # more devices than this must be lazy
 
 
 def load_synthetic(
@@ -53,7 +60,9 @@ def load_synthetic(
     min_samples: int = 50,
     test_fraction: float = 0.2,
     seed: int = 0,
-) -> Dataset:
+    lazy: bool = False,
+    test_devices: int = 1000,
+) -> Dataset | SyntheticPopulation:
     """FedProx's Synthetic(alpha, beta): ``num_devices`` devices, each with its own model
     (W_k, b_k) and input mean v_k; ``group_train`` holds each training sample's device.
 
@@ -78,69 +87,144 @@ def load_synthetic(
         Share of each device's samples held out into the global test split.
     seed : int
         The data seed: the same options always give the same data, whatever the
-        experiment's seed. Each quantity has its own stream, so device k's data does not
-        depend on ``num_devices``: the first 30 of 10,000 devices are the 30-device dataset.
+        experiment's seed. Device k's data comes from its own generator, seeded by
+        (seed, k), so it does not depend on ``num_devices``: the first 30 of 10,000
+        devices are the 30-device dataset.
+    lazy : bool
+        Make each device's data only when its client runs (a :class:`SyntheticPopulation`),
+        never all of it: millions of devices cost no memory. A client's data is the same
+        either way; the global test split is the held-out samples of ``test_devices``
+        devices spread evenly over the population (of every device when there are no more).
+    test_devices : int
+        With ``lazy``, how many devices' held-out samples make the global test split.
     """
     _check_options(
         alpha, beta, num_devices, iid, samples_per_device, size_distribution, min_samples, test_fraction, seed
     )
-    sizes = _device_sizes(num_devices, samples_per_device, size_distribution, min_samples, seed)
-    x, y = _generate(sizes, float(alpha), float(beta), bool(iid), seed)
-
-    # Samples of a device are exchangeable, so its last n_test samples are a random hold-out.
-    n_test = np.minimum(np.rint(test_fraction * sizes).astype(np.int64), sizes - MIN_TRAIN)
-    if n_test.sum() == 0:
+    check_bool("lazy", lazy)
+    check_integer("test_devices", test_devices, minimum=1)
+    rule = DeviceRule(
+        float(alpha), float(beta), bool(iid), samples_per_device, size_distribution, min_samples, test_fraction, seed
+    )
+    if lazy:
+        return SyntheticPopulation(rule, num_devices, test_devices)
+    if num_devices > MAX_EAGER_DEVICES:
+        raise ValueError(
+            f"num_devices={num_devices:,} would hold every device's data in memory; set lazy = true, "
+            f"which makes each device's data only when its client runs (or use at most {MAX_EAGER_DEVICES:,})"
+        )
+    parts = [rule.device(k) for k in range(num_devices)]
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    x_test = np.concatenate([p[2] for p in parts])
+    y_test = np.concatenate([p[3] for p in parts])
+    if len(y_test) == 0:
         raise ValueError(
             f"test_fraction={test_fraction} holds out no sample of devices this small; "
             "raise test_fraction or samples_per_device"
         )
-    starts = np.cumsum(sizes) - sizes
-    position = np.arange(len(y)) - np.repeat(starts, sizes)
-    test = position >= np.repeat(sizes - n_test, sizes)
-    group_train = np.repeat(np.arange(num_devices, dtype=np.int64), sizes - n_test)
-    return Dataset("synthetic", x[~test], y[~test], x[test], y[test], CLASSES, group_train=group_train)
+    group_train = np.repeat(np.arange(num_devices, dtype=np.int64), [len(p[1]) for p in parts])
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, CLASSES, group_train=group_train)
 
 
-def _generate(sizes: np.ndarray, alpha: float, beta: float, iid: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """x (float32) and y (int64) of every device, device after device."""
-    num_devices, total = len(sizes), int(sizes.sum())
-    # x ~ N(v_k, Sigma): scaled noise now, each device's mean added below
-    x = _stream(seed, "x").standard_normal((total, DIMENSION), dtype=np.float32)
-    x *= np.sqrt(np.arange(1, DIMENSION + 1, dtype=np.float32) ** -1.2)
-    if iid:
-        weights = _stream(seed, "W").standard_normal((NUM_CLASSES, DIMENSION), dtype=np.float32)
-        bias = _stream(seed, "b").standard_normal(NUM_CLASSES, dtype=np.float32)
-        return x, np.argmax(x @ weights.T + bias, axis=1).astype(np.int64)
+@dataclass(frozen=True)
+class DeviceRule:
+    """The generator of one device's data from (seed, device id): its size, its model and
+    input mean, its samples, and which of them the global test split holds out."""
 
-    u = _stream(seed, "u").normal(0.0, alpha, num_devices).astype(np.float32)
-    b_mean = _stream(seed, "B").normal(0.0, beta, num_devices).astype(np.float32)
-    v = b_mean[:, None] + _stream(seed, "v").standard_normal((num_devices, DIMENSION), dtype=np.float32)
-    weights = u[:, None, None] + _stream(seed, "W").standard_normal(
-        (num_devices, NUM_CLASSES, DIMENSION), dtype=np.float32
-    )
-    bias = u[:, None] + _stream(seed, "b").standard_normal((num_devices, NUM_CLASSES), dtype=np.float32)
-    y = np.empty(total, dtype=np.int64)
-    # One small matmul per device: about 6 us each (60 ms for 10,000 devices), faster than
-    # gathering each sample's W_k, and no per-sample copy of the models.
-    stop = np.cumsum(sizes)
-    for k, (start, end) in enumerate(zip(stop - sizes, stop)):
-        rows = x[start:end]
-        rows += v[k]
-        y[start:end] = np.argmax(rows @ weights[k].T + bias[k], axis=1)
-    return x, y
+    alpha: float
+    beta: float
+    iid: bool
+    samples_per_device: int
+    size_distribution: str
+    min_samples: int
+    test_fraction: float
+    seed: int
+
+    def _generator(self, device: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, DEVICE_STREAM, device])
+
+    def _draw_size(self, rng: np.random.Generator) -> int:
+        if self.size_distribution == "equal":
+            return self.samples_per_device
+        # E[lognormal(mu, sigma)] = samples_per_device - min_samples
+        mu = math.log(self.samples_per_device - self.min_samples) - SIZE_SIGMA**2 / 2
+        return self.min_samples + int(math.floor(rng.lognormal(mu, SIZE_SIGMA)))
+
+    def size(self, device: int) -> int:
+        """All of the device's samples, held out ones included (one draw, ~0.1 ms)."""
+        return self._draw_size(self._generator(device))
+
+    def held_out(self, size: int) -> int:
+        """How many of a device's ``size`` samples go to the global test split: a share
+        ``test_fraction``, leaving two to train on."""
+        return int(min(round(self.test_fraction * size), size - MIN_TRAIN))
+
+    def train_size(self, device: int) -> int:
+        size = self.size(device)
+        return size - self.held_out(size)
+
+    def device(self, device: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_train, y_train, x_test, y_test) of one device: x float32, y int64."""
+        rng = self._generator(device)
+        size = self._draw_size(rng)
+        # x ~ N(v_k, Sigma): scaled noise, then the device's mean
+        x = rng.standard_normal((size, DIMENSION), dtype=np.float32)
+        x *= SIGMA_SQRT
+        if self.iid:
+            weights, bias = _shared_model(self.seed)
+        else:
+            u = np.float32(rng.normal(0.0, self.alpha))
+            b_mean = np.float32(rng.normal(0.0, self.beta))
+            x += b_mean + rng.standard_normal(DIMENSION, dtype=np.float32)
+            weights = u + rng.standard_normal((NUM_CLASSES, DIMENSION), dtype=np.float32)
+            bias = u + rng.standard_normal(NUM_CLASSES, dtype=np.float32)
+        y = np.argmax(x @ weights.T + bias, axis=1).astype(np.int64)
+        # Samples of a device are exchangeable, so its last ones are a random hold-out.
+        keep = size - self.held_out(size)
+        return x[:keep], y[:keep], x[keep:], y[keep:]
 
 
-def _device_sizes(num_devices: int, mean: int, distribution: str, min_samples: int, seed: int) -> np.ndarray:
-    if distribution == "equal":
-        return np.full(num_devices, mean, dtype=np.int64)
-    mu = math.log(mean - min_samples) - SIZE_SIGMA**2 / 2  # E[lognormal(mu, sigma)] = mean - min_samples
-    return min_samples + np.floor(_stream(seed, "sizes").lognormal(mu, SIZE_SIGMA, num_devices)).astype(np.int64)
+class SyntheticPopulation(Population):
+    """Synthetic(alpha, beta) with each device's data made when its client asks for it.
+
+    Nothing is kept per device: device k's data is regenerated from (seed, k), the same
+    as the in-memory dataset's. The global test split is the held-out samples of
+    ``test_devices`` devices spread evenly over the population.
+    """
+
+    name = "synthetic"
+    classes = CLASSES
+    input_shape = (DIMENSION,)
+
+    def __init__(self, rule: DeviceRule, num_devices: int, test_devices: int) -> None:
+        self.rule = rule
+        self.num_clients = num_devices
+        chosen = np.unique(np.linspace(0, num_devices - 1, min(test_devices, num_devices)).round().astype(np.int64))
+        held = [rule.device(int(k))[2:] for k in chosen]
+        self.x_test = np.concatenate([x for x, _ in held])
+        self.y_test = np.concatenate([y for _, y in held])
+        if len(self.y_test) == 0:
+            raise ValueError(
+                f"test_fraction={rule.test_fraction} holds out no sample of devices this small; "
+                "raise test_fraction or samples_per_device"
+            )
+        self.test_devices = len(chosen)
+
+    def client_samples(self, client: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y, _, _ = self.rule.device(client)
+        return x, y
+
+    def client_size(self, client: int) -> int:
+        return self.rule.train_size(client)
 
 
-def _stream(seed: int, quantity: str) -> np.random.Generator:
-    """One generator per quantity: drawing more devices extends each stream and never
-    shifts another, so device k's draws do not depend on ``num_devices``."""
-    return np.random.default_rng([seed, zlib.crc32(quantity.encode())])
+@functools.cache
+def _shared_model(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic-IID's one model, W and b ~ N(0, 1), shared by every device."""
+    rng = np.random.default_rng([seed, zlib.crc32(b"iid-model")])
+    weights = rng.standard_normal((NUM_CLASSES, DIMENSION), dtype=np.float32)
+    return weights, rng.standard_normal(NUM_CLASSES, dtype=np.float32)
 
 
 def _check_options(

@@ -20,6 +20,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.tasks import NODE_ID_OFFSET, ClientTask, TaskResult, pack
+from fedsim.ordered_grid import NumberedNodes
 
 
 class SimulatedGrid(Grid):
@@ -57,11 +58,11 @@ class SimulatedGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(range(NODE_ID_OFFSET, NODE_ID_OFFSET + self.num_clients))
+        return range(NODE_ID_OFFSET, NODE_ID_OFFSET + self.num_clients)
 
-    def partition_ids(self) -> dict[int, int]:
-        """Node id -> client id, for every node."""
-        return {NODE_ID_OFFSET + client: client for client in range(self.num_clients)}
+    def partition_ids(self) -> NumberedNodes:
+        """Node id -> client id, for every node (computed, not stored)."""
+        return NumberedNodes(NODE_ID_OFFSET, self.num_clients)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

@@ -28,7 +28,7 @@ import os
 import re
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
@@ -45,7 +45,7 @@ from fedsim.errors import ClientFailure, UserError
 from fedsim.flower_log import ray_log_options
 from fedsim.notices import warn
 from fedsim.worker import settle_garbage_collector, worker_for
-from partitioners import Partition
+from partitioners import Partition, PopulationPartition
 
 
 def quiet_ray_environment() -> None:
@@ -251,7 +251,7 @@ class RayEngine:
         workers, gpu_share = self.layout()
         pool = WorkerPool(client_app, env, min(workers, partition.num_clients), self.num_cpus, gpu_share)
         try:
-            grid = RayGrid(pool, partition.num_clients, partition.sizes, self.client_timeout_s)
+            grid = RayGrid(pool, partition.num_clients, client_sizes(env, partition), self.client_timeout_s)
             context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
             server_main(grid, context)
         finally:
@@ -259,6 +259,15 @@ class RayEngine:
             if self._started_ray:
                 ray.shutdown()
                 self._started_ray, self._layout = False, None
+
+
+def client_sizes(env: RunEnvironment, partition: Partition) -> Callable[[int], int]:
+    """Each client's training-set size, by which the rounds' chunks are balanced: read off
+    the partition, or asked of a lazy population (which keeps no sizes) client by client."""
+    if isinstance(partition, PopulationPartition):
+        return env.dataset().client_size
+    sizes = partition.sizes
+    return lambda client: int(sizes[client])
 
 
 class WorkerActor:
@@ -393,11 +402,15 @@ class RayGrid(SimulatedGrid):
     """A Grid that runs each push's tasks on a WorkerPool, a chunk per actor."""
 
     def __init__(
-        self, pool: WorkerPool, num_clients: int, client_sizes: Sequence[int], client_timeout_s: float | None = None
+        self,
+        pool: WorkerPool,
+        num_clients: int,
+        client_size: Callable[[int], int],
+        client_timeout_s: float | None = None,
     ) -> None:
         super().__init__(num_clients)
         self.pool = pool
-        self.client_sizes = client_sizes
+        self.client_size = client_size
         self.client_timeout_s = client_timeout_s
 
     def chunks(self, tasks: Sequence[ClientTask]) -> list[list[int]]:
@@ -405,10 +418,11 @@ class RayGrid(SimulatedGrid):
         actor (longest-processing-time first), each chunk in the tasks' order."""
         count = min(len(self.pool.actors), len(tasks))
         loads, chunks = [0] * count, [[] for _ in range(count)]
-        for index in sorted(range(len(tasks)), key=lambda i: -int(self.client_sizes[tasks[i].client])):
+        sizes = [max(1, int(self.client_size(task.client))) for task in tasks]
+        for index in sorted(range(len(tasks)), key=lambda i: -sizes[i]):
             slot = loads.index(min(loads))
             chunks[slot].append(index)
-            loads[slot] += max(1, int(self.client_sizes[tasks[index].client]))
+            loads[slot] += sizes[index]
         return [sorted(chunk) for chunk in chunks if chunk]
 
     def execute(self, shared: Sequence[ArrayRecord], tasks: Sequence[ClientTask]) -> list[TaskResult]:

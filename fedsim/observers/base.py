@@ -21,7 +21,7 @@ once the round has nothing more to send (what it cost in traffic:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.config import Experiment
 from fedsim.data import Dataset
 from fedsim.data.dataset import local_test_size
+from fedsim.data.population import Population
 from fedsim.ordered_grid import ArrayTraffic
 from fedsim.results import MetricRow, RunDirectory
 from fedsim.trainer import METRICS_KEY, NUM_EXAMPLES
@@ -55,20 +56,24 @@ class RunContext:
     them: :class:`~fedsim.ordered_grid.ArrayTraffic`)."""
 
     experiment: Experiment
-    dataset: Dataset
+    dataset: Dataset | Population
     partition: Partition
     run: RunDirectory
     evaluate_global: Evaluate
     evaluated_on: str
-    clients: dict[int, int]
+    clients: Mapping[int, int]
     elapsed: Callable[[], float]
     rounds_time_s: float = 0.0
     traffic: ArrayTraffic = field(default_factory=ArrayTraffic)
 
     def train_size(self, client: int, server_round: int) -> int:
         """How many training examples ``client`` holds in ``server_round`` (its view of the
-        round's slot, less its held-out share), known from the partition without its data."""
-        n = len(self.partition.view_at(client, self.partition.slot_of(server_round)).indices)
+        round's slot, less its held-out share), known from the partition without its data
+        (or for a lazy population, which keeps no indices, from the population)."""
+        if isinstance(self.dataset, Population):
+            n = self.dataset.client_size(client)
+        else:
+            n = len(self.partition.view_at(client, self.partition.slot_of(server_round)).indices)
         return n - local_test_size(n, self.experiment.client.local_test_fraction)
 
     def by_client(self, replies: list[Message]) -> list[tuple[int, dict[str, Any]]]:

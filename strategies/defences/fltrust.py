@@ -61,6 +61,11 @@ class FLTrust(Defence):
         weight decay and batch size, and its local iterations: the paper's server takes
         as many as a client)."""
         dataset, client = server.dataset, server.client
+        if not hasattr(dataset, "y_train"):  # a lazy population holds no training set
+            raise ValueError(
+                "fltrust draws its root set from the training set, which a lazy population never holds; "
+                "set [dataset] lazy = false or choose another defence"
+            )
         rng = np.random.default_rng(derive_seed(server.seed, "root-set"))
         root = rng.choice(len(dataset.y_train), min(ROOT_SET_SIZE, len(dataset.y_train)), replace=False)
         per_client = len(dataset.y_train) * (1 - client.local_test_fraction) / max(server.num_clients, 1)
