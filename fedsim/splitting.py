@@ -22,8 +22,10 @@ from partitioners.drift import EVENT_NAMES
 from partitioners.embedders import embed
 from partitioners.skew import SkewReport
 
-# A population's skew measures and partition plots look at this many of its clients.
+# A population's skew measures and partition plots look at this many of its clients, and so
+# do those of a partition of more than SKEW_ALL_CLIENTS_UP_TO clients.
 SKEW_SAMPLE_CLIENTS = 1000
+SKEW_ALL_CLIENTS_UP_TO = 100_000
 
 
 def split_dataset(experiment: Experiment, dataset: Dataset | Population) -> Partition:
@@ -127,6 +129,12 @@ def describe_partition(
 
     if isinstance(partition, PopulationPartition):
         return describe_population(experiment, dataset, out, labels_plot)
+    sampled, registered = None, partition.num_clients
+    if registered > SKEW_ALL_CLIENTS_UP_TO and not isinstance(partition, DriftStream):
+        sampled = sample_clients(registered, SKEW_SAMPLE_CLIENTS)
+        partition = Partition(
+            [partition[int(client)] for client in sampled], partition.labels, partition.num_classes, partition.groups
+        )
     embeddings = None
     if "cluster" in partition.groups or dataset.domain_train is not None:
         partitioner = make_partitioner(experiment)
@@ -136,13 +144,17 @@ def describe_partition(
     described = report.to_dict()
     if isinstance(partition, DriftStream):
         described["stream"] = partition.summary()
+    of = ""
+    if sampled is not None:
+        described["sample"] = sample_section(sampled, registered)
+        of = f", {said_sampled(sampled, registered)}"
     atomic.write_text(out / "skew.json", json.dumps(described, indent=2) + "\n")
 
     name = experiment.partition.name
     plot_heatmap(
         partition.label_matrix(),
         out / "plots" / labels_plot,
-        f"{name}: samples per client and class (mean Hellinger {report.summary['mean_hellinger']:.3f})",
+        f"{name}: samples per client and class{of} (mean Hellinger {report.summary['mean_hellinger']:.3f})",
         "class",
         dataset.classes,
     )
@@ -151,7 +163,7 @@ def describe_partition(
         plot_heatmap(
             partition.group_matrix(clusters, int(clusters.max()) + 1),
             out / "plots" / "partition_clusters.png",
-            f"{name}: samples per client and embedding cluster",
+            f"{name}: samples per client and embedding cluster{of}",
             "cluster",
             [str(c) for c in range(int(clusters.max()) + 1)],
         )
@@ -161,7 +173,7 @@ def describe_partition(
         plot_heatmap(
             partition.group_matrix(dataset.domain_train, num_domains),
             out / "plots" / "partition_domains.png",
-            f"{name}: samples per client and domain",
+            f"{name}: samples per client and domain{of}",
             "domain",
             names,
         )
@@ -180,24 +192,33 @@ def describe_population(experiment: Experiment, population: Population, out: Pat
     sampled, ids = sampled_partition(population)
     report = sampled.skew()
     described = report.to_dict()
-    described["sample"] = {
-        "clients_measured": len(ids),
-        "clients_registered": population.num_clients,
-        "client_ids": ids.tolist(),
-    }
+    described["sample"] = sample_section(ids, population.num_clients)
     atomic.write_text(out / "skew.json", json.dumps(described, indent=2) + "\n")
-    of = f"{len(ids):,} of {population.num_clients:,} clients"
-    if len(ids) < population.num_clients:
-        note(f"skew measures and partition plots cover a sample of {of} (skew.json's sample section)")
     plot_heatmap(
         sampled.label_matrix(),
         out / "plots" / labels_plot,
-        f"{experiment.partition.name}: samples per client and class, a sample of {of} "
+        f"{experiment.partition.name}: samples per client and class, {said_sampled(ids, population.num_clients)} "
         f"(mean Hellinger {report.summary['mean_hellinger']:.3f})",
         "class",
         population.classes,
     )
     return report
+
+
+def sample_section(ids: np.ndarray, registered: int) -> dict:
+    """skew.json's account of a sample of the clients (the measures' rows are ``ids``'
+    clients, in order); a note says that the measures cover a sample."""
+    if len(ids) < registered:
+        note(
+            f"skew measures and partition plots cover a sample of {len(ids):,} of {registered:,} clients "
+            "(skew.json's sample section)"
+        )
+    return {"clients_measured": len(ids), "clients_registered": registered, "client_ids": ids.tolist()}
+
+
+def said_sampled(ids: np.ndarray, registered: int) -> str:
+    """How a plot's title says it shows a sample of the clients."""
+    return f"a sample of {len(ids):,} of {registered:,} clients"
 
 
 # Drift events by bitmask (1 real, 2 virtual, 4 label): no drift pale, each kind its own hue.

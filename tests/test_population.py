@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedsim.build import load_experiment
 from fedsim.cli import main
-from fedsim.data import load_dataset
+from fedsim.data import Dataset, load_dataset
 from fedsim.data.population import Population, sample_clients
 from fedsim.data.synthetic import SyntheticPopulation, load_synthetic
 from fedsim.engine import InProcessEngine
@@ -169,6 +169,21 @@ def test_the_skew_of_a_large_population_is_measured_on_a_sample_and_says_so(tmp_
     assert skew["clients"]["size"][0] == labels.sum()
     assert "1,000 of 3,000 clients" in capsys.readouterr().err
     assert (tmp_path / "plots/partition_labels.png").stat().st_size > 0
+
+
+def test_the_skew_of_an_in_memory_split_into_millions_of_clients_is_measured_on_a_sample(tmp_path, capsys):
+    """A natural split of 250,000 writers: the measures and the heatmap cover 1,000 of them."""
+    rng = np.random.default_rng(1)
+    groups, y = rng.permutation(np.arange(600_000) % 250_000), rng.integers(0, 10, 600_000)
+    partition = NaturalPartitioner().split(y, groups=groups)
+    dataset = Dataset("writers", np.zeros((600_000, 1), np.float32), y, y[:5, None] * 0.0, y[:5], tuple("0123456789"))
+    experiment = load_experiment(QUICKSTART, ["partition.name=natural", "partition.num_clients=250000"])
+    report = describe_partition(experiment, dataset, partition, tmp_path)
+    skew = json.loads((tmp_path / "skew.json").read_text())
+    ids = skew["sample"]["client_ids"]
+    assert skew["sample"]["clients_registered"] == 250_000 and len(ids) == 1000 == report.summary["num_clients"]
+    assert skew["clients"]["size"][7] == len(partition[ids[7]])
+    assert "1,000 of 250,000 clients" in capsys.readouterr().err
 
 
 def test_fedsim_partition_on_ten_million_clients(tmp_path, capsys):
