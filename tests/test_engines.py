@@ -365,9 +365,17 @@ def test_a_failed_ray_client_connection_leaves_ray_usable(monkeypatch):
     assert not client_mode.client_mode_should_convert()
 
 
-def test_a_local_ray_node_that_starts_too_slowly_is_stopped_and_started_again(monkeypatch, capsys):
-    """Ray waits a fixed 30 s for a new local node; on a busy machine it can give up
-    (this failed a CI run). fedsim stops the half-started node and tries again."""
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "The current node timed out during startup. This could happen ...",
+        "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_d7ded0393dae",  # a GCS that never ran
+    ],
+)
+def test_a_local_ray_node_that_starts_too_slowly_is_stopped_and_started_again(monkeypatch, capsys, failure):
+    """Ray waits a fixed 30 s for a new local node, and for its GCS to write its port; on a
+    busy machine, or with a GCS process stuck before it ran, it gives up (this failed CI and
+    full test runs). fedsim stops the half-started node and tries again."""
     import ray
     from ray._private.node import Node
 
@@ -377,7 +385,7 @@ def test_a_local_ray_node_that_starts_too_slowly_is_stopped_and_started_again(mo
 
     class SlowNode(Node):
         def __init__(self):  # Ray's Node.__init__ raises like this after starting processes
-            raise Exception("The current node timed out during startup. This could happen ...")
+            raise Exception(failure)
 
         def kill_all_processes(self, check_alive=True, allow_graceful=False, wait=False):
             killed.append((check_alive, wait))
@@ -394,11 +402,11 @@ def test_a_local_ray_node_that_starts_too_slowly_is_stopped_and_started_again(mo
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     assert ray_engine.connect(None) is True
     assert len(attempts) == 2 and killed == [(False, True)]
-    assert "did not start within Ray's 30 s" in capsys.readouterr().err
+    assert "did not start within Ray's wait" in capsys.readouterr().err
 
     attempts.clear()
     monkeypatch.setattr(ray, "init", lambda **options: (attempts.append(options), SlowNode()))
-    with pytest.raises(Exception, match="timed out during startup"):
+    with pytest.raises(Exception, match="[Tt]imed out"):
         ray_engine.connect(None)
     assert len(attempts) == ray_engine.LOCAL_START_ATTEMPTS
 

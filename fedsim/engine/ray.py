@@ -85,7 +85,8 @@ def connect(address: str | None, where: str = "[engine] address") -> bool:
                 _stop_half_started_node(error)
                 ray.shutdown()
                 warn(
-                    f"the local Ray node did not start within Ray's 30 s (a busy machine); retrying ({attempt + 1} of {LOCAL_START_ATTEMPTS})"
+                    "the local Ray node did not start within Ray's wait (a busy machine, or a stuck start); "
+                    f"retrying ({attempt + 1} of {LOCAL_START_ATTEMPTS})"
                 )
     except ConnectionError as error:
         # ray.init("ray://...") switches the process to Ray Client mode before it connects; a
@@ -99,9 +100,12 @@ LOCAL_START_ATTEMPTS = 3
 
 
 def _is_startup_timeout(error: Exception) -> bool:
-    """Ray's own wait for a new local node is a fixed 30 s, which a loaded machine can
-    exceed; a fresh attempt then usually starts at once."""
-    return "timed out during startup" in str(error)
+    """Ray gave up on a new local node: its fixed 30 s wait for the node, which a loaded
+    machine can exceed, or its wait for the GCS server to write its port, which a GCS
+    process stuck before it ran never does (seen in a process whose other threads were
+    inside gRPC when Ray forked it). A fresh attempt then usually starts at once."""
+    text = str(error)
+    return "timed out during startup" in text or ("Timed out waiting for file" in text and "gcs_server_port" in text)
 
 
 def _stop_half_started_node(error: Exception) -> None:
