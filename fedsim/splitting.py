@@ -18,6 +18,7 @@ from fedsim.data.population import Population, sample_clients
 from fedsim.errors import UserError
 from fedsim.notices import note
 from partitioners import DriftStream, Partition, Partitioner, PopulationPartition
+from partitioners.base import ClientIndices
 from partitioners.drift import EVENT_NAMES
 from partitioners.embedders import embed
 from partitioners.skew import SkewReport
@@ -68,8 +69,8 @@ def sampled_partition(population: Population, count: int = SKEW_SAMPLE_CLIENTS) 
     labels (client i of it is population client ``ids[i]``), and ``ids``."""
     ids = sample_clients(population.num_clients, count)
     labels = [population.client_samples(int(client))[1] for client in ids]
-    bounds = np.cumsum([len(y) for y in labels])
-    indices = np.split(np.arange(bounds[-1], dtype=np.int64), bounds[:-1])
+    offsets = np.concatenate([[0], np.cumsum([len(y) for y in labels], dtype=np.int64)])
+    indices = ClientIndices(np.arange(offsets[-1], dtype=np.int64), offsets)
     return Partition(indices, np.concatenate(labels), population.num_classes), ids
 
 
@@ -123,14 +124,17 @@ def describe_partition(
     where the split has them. Embedding and domain splits also get the feature-skew
     distances, on the embedding split's own embeddings or else on pixel embeddings. A drift
     stream (whose skew is its first slot's) adds a ``stream`` section to skew.json and
-    the clients x slots maps of :func:`describe_stream`."""
+    the clients x slots maps of :func:`describe_stream`. A lazy population, and a partition
+    of more than :data:`SKEW_ALL_CLIENTS_UP_TO` clients, are measured and drawn on
+    :data:`SKEW_SAMPLE_CLIENTS` of their clients, said in skew.json's ``sample`` section,
+    the plots' titles and a note."""
     # lazy: matplotlib takes a second to import, paid only when a plot is drawn
     from fedsim.plots import plot_heatmap
 
-    if isinstance(partition, PopulationPartition):
-        return describe_population(experiment, dataset, out, labels_plot)
     sampled, registered = None, partition.num_clients
-    if registered > SKEW_ALL_CLIENTS_UP_TO and not isinstance(partition, DriftStream):
+    if isinstance(partition, PopulationPartition):  # its clients' labels exist only when made
+        partition, sampled = sampled_partition(dataset)
+    elif registered > SKEW_ALL_CLIENTS_UP_TO and not isinstance(partition, DriftStream):
         sampled = sample_clients(registered, SKEW_SAMPLE_CLIENTS)
         partition = Partition(
             [partition[int(client)] for client in sampled], partition.labels, partition.num_classes, partition.groups
@@ -179,29 +183,6 @@ def describe_partition(
         )
     if isinstance(partition, DriftStream):
         describe_stream(name, partition, out / "plots")
-    return report
-
-
-def describe_population(experiment: Experiment, population: Population, out: Path, labels_plot: str) -> SkewReport:
-    """:func:`describe_partition` for a lazy population: the skew of a sample of its
-    clients (all of them when there are no more than :data:`SKEW_SAMPLE_CLIENTS`), said in
-    skew.json's ``sample`` section, the plot's title and a note."""
-    # lazy: matplotlib takes a second to import, paid only when a plot is drawn
-    from fedsim.plots import plot_heatmap
-
-    sampled, ids = sampled_partition(population)
-    report = sampled.skew()
-    described = report.to_dict()
-    described["sample"] = sample_section(ids, population.num_clients)
-    atomic.write_text(out / "skew.json", json.dumps(described, indent=2) + "\n")
-    plot_heatmap(
-        sampled.label_matrix(),
-        out / "plots" / labels_plot,
-        f"{experiment.partition.name}: samples per client and class, {said_sampled(ids, population.num_clients)} "
-        f"(mean Hellinger {report.summary['mean_hellinger']:.3f})",
-        "class",
-        population.classes,
-    )
     return report
 
 

@@ -50,6 +50,14 @@ LAZY = [
     "client.lr=0.1",
 ]
 
+# 10,000,000 registered clients of 20 samples each
+TEN_MILLION = [
+    "dataset.num_devices=10000000",
+    "partition.num_clients=10000000",
+    "dataset.size_distribution=equal",
+    "dataset.samples_per_device=20",
+]
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
@@ -234,11 +242,8 @@ def test_attackers_among_ten_million_clients(tmp_path):
     """Attackers are drawn from the whole population, and model replacement's boost counts
     the round's examples, which a population gives client by client."""
     experiment = population_experiment(
-        "dataset.num_devices=10000000",
-        "partition.num_clients=10000000",
+        *TEN_MILLION,
         "dataset.test_devices=20",
-        "dataset.size_distribution=equal",
-        "dataset.samples_per_device=20",
         "strategy.fraction_train=0.000001",
         "strategy.fraction_evaluate=0.000001",
         "rounds=1",
@@ -298,11 +303,8 @@ def test_ten_million_registered_clients_in_process_keep_no_memory_per_client(tmp
     import torch._dynamo  # noqa: F401  (imported by the worker; slow to import under tracemalloc)
 
     experiment = population_experiment(
-        "dataset.num_devices=10000000",
-        "partition.num_clients=10000000",
+        *TEN_MILLION,
         "dataset.test_devices=50",
-        "dataset.size_distribution=equal",
-        "dataset.samples_per_device=20",
         "strategy.fraction_train=0.000002",  # 20 clients per round
         "strategy.fraction_evaluate=0.000001",
     )
@@ -339,11 +341,8 @@ def test_ten_million_registered_clients_in_process_keep_no_memory_per_client(tmp
 @pytest.mark.ray
 def test_ten_million_registered_clients_on_ray_match_in_process(tmp_path):
     overrides = [
-        "dataset.num_devices=10000000",
-        "partition.num_clients=10000000",
+        *TEN_MILLION,
         "dataset.test_devices=20",
-        "dataset.size_distribution=equal",
-        "dataset.samples_per_device=20",
         "strategy.fraction_train=0.000001",
         "strategy.fraction_evaluate=0.000001",
         "rounds=1",

@@ -175,23 +175,29 @@ def compare(config: Path, overrides: list[str], engines: list[str], repeats: int
     return result
 
 
+def synthetic_devices(name: str, size: int, sampled: int, rounds: int) -> list[str]:
+    """The scale studies' experiment: ``size`` synthetic devices of 25 samples, one client
+    each, the MLP, ``sampled`` clients per round."""
+    return [
+        f"name={name}",
+        "dataset.name=synthetic",
+        f"dataset.num_devices={size}",
+        "dataset.size_distribution=equal",
+        "dataset.samples_per_device=25",
+        "partition.name=natural",
+        f"partition.num_clients={size}",
+        "model.name=mlp",
+        f"strategy.fraction_train={sampled / size}",
+        f"rounds={rounds}",
+    ]
+
+
 def scale(engines: list[str], sizes: list[int], sampled: int, rounds: int) -> dict:
     """Seconds per round and driver peak RSS with ``sampled`` clients per round out of
     each number of registered clients (synthetic data, one client per device)."""
     results: dict = {}
     for size in sizes:
-        overrides = [
-            "name=bench-scale",
-            "dataset.name=synthetic",
-            f"dataset.num_devices={size}",
-            "dataset.size_distribution=equal",
-            "dataset.samples_per_device=25",
-            "partition.name=natural",
-            f"partition.num_clients={size}",
-            "model.name=mlp",
-            f"strategy.fraction_train={sampled / size}",
-            f"rounds={rounds}",
-        ]
+        overrides = synthetic_devices("bench-scale", size, sampled, rounds)
         for engine in engines:
             run = run_fedsim(W1, [*overrides, *ENGINE_OVERRIDES[engine]])
             results[f"{engine}/{size}"] = {
@@ -216,19 +222,7 @@ def population_scale(engines: list[str], sizes: list[int], sampled: int, rounds:
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
         for size in sizes:
-            overrides = [
-                "name=bench-population",
-                "dataset.name=synthetic",
-                "dataset.lazy=true",
-                f"dataset.num_devices={size}",
-                "dataset.size_distribution=equal",
-                "dataset.samples_per_device=25",
-                "partition.name=natural",
-                f"partition.num_clients={size}",
-                "model.name=mlp",
-                f"strategy.fraction_train={sampled / size}",
-                f"rounds={rounds}",
-            ]
+            overrides = [*synthetic_devices("bench-population", size, sampled, rounds), "dataset.lazy=true"]
             for engine in engines:
                 runs.setdefault(f"{engine}/{size}/lazy", []).append(
                     run_fedsim(W1, [*overrides, *ENGINE_OVERRIDES[engine]])

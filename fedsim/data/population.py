@@ -37,8 +37,9 @@ class Population(ABC):
     num_clients: int
     x_test: np.ndarray
     y_test: np.ndarray
-    # what a single-domain Dataset says about domains and groups
+    # what a single-domain Dataset says about domains
     domains: tuple[str, ...] = ()
+    domain_train: np.ndarray | None = None
     domain_test: np.ndarray | None = None
 
     @property
