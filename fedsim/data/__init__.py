@@ -75,7 +75,7 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     "synthetic": DatasetInfo(
         load_synthetic,
-        "FedProx's Synthetic(alpha, beta), generated: one natural group per device, 30 by default",
+        "FedProx's Synthetic(alpha, beta), generated: one natural group per device, 30 by default; lazy = true for millions",
         (60,),
         SYNTHETIC_CLASSES,
         model="mlp",  # flat features, no image
